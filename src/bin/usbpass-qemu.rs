@@ -1,0 +1,3 @@
+//! The `usbpass-qemu` emulator wrapper binary.
+
+fn main() {}

@@ -1,0 +1,148 @@
+//! The host's view of one USB device: the identity that rules match on and that
+//! hostdevs point at.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// USB device class of a hub. Hubs are never passed through.
+pub const HUB_CLASS: u8 = 0x09;
+
+/// One interface's class triple, as in `bInterfaceClass:bInterfaceSubClass:bInterfaceProtocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InterfaceClass {
+    pub class: u8,
+    pub subclass: u8,
+    pub protocol: u8,
+}
+
+/// A present USB device (udev's `usb_device`, not its interfaces).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbDevice {
+    /// The sysfs path, the key that `remove` events carry.
+    pub syspath: String,
+    /// Bus number, decimal.
+    pub bus: u16,
+    /// Device number on the bus, decimal. Changes on every replug.
+    pub devnum: u16,
+    pub vendor_id: u16,
+    pub product_id: u16,
+    /// `serial` from sysfs, decoded lossily: USB serials are bytes, not text.
+    pub serial: Option<String>,
+    /// The kernel's name for the physical port, e.g. `1-2.3`; stable across replugs.
+    pub port_path: String,
+    /// The kernel name of the parent hub, e.g. `1-2` or the root hub `usb1`.
+    pub parent_hub: Option<String>,
+    pub device_class: u8,
+    pub interface_classes: Vec<InterfaceClass>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+    /// udev hwdb names (`ID_VENDOR_FROM_DATABASE`, `ID_MODEL_FROM_DATABASE`), as lsusb shows them.
+    pub vendor_from_database: Option<String>,
+    pub model_from_database: Option<String>,
+}
+
+impl UsbDevice {
+    pub fn is_hub(&self) -> bool {
+        self.device_class == HUB_CLASS
+    }
+
+    /// A human name: the device's own strings first, then the hwdb names.
+    pub fn display_name(&self) -> String {
+        let vendor = self
+            .manufacturer
+            .as_deref()
+            .or(self.vendor_from_database.as_deref());
+        let model = self
+            .product
+            .as_deref()
+            .or(self.model_from_database.as_deref());
+        match (vendor, model) {
+            (Some(v), Some(m)) => format!("{v} {m}"),
+            (None, Some(m)) => m.to_string(),
+            (Some(v), None) => v.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    pub fn address(&self) -> BusAddress {
+        BusAddress {
+            bus: self.bus,
+            device: self.devnum,
+        }
+    }
+
+    pub fn id(&self) -> UsbId {
+        UsbId {
+            vendor: self.vendor_id,
+            product: self.product_id,
+        }
+    }
+}
+
+/// `bus:device`, both decimal. Identifies one plug of one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BusAddress {
+    pub bus: u16,
+    pub device: u16,
+}
+
+impl fmt::Display for BusAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:03}:{:03}", self.bus, self.device)
+    }
+}
+
+/// `vendor:product`, printed as four hex digits each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UsbId {
+    pub vendor: u16,
+    pub product: u16,
+}
+
+impl fmt::Display for UsbId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.product)
+    }
+}
+
+impl fmt::Display for UsbDevice {
+    /// `046d:c52b at 001:005 (port 1-2)`: what log lines and errors call a device.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at {} (port {})",
+            self.id(),
+            self.address(),
+            self.port_path
+        )
+    }
+}
+
+#[cfg(test)]
+pub mod fixtures {
+    //! Devices for unit tests.
+    use super::*;
+
+    pub fn device(bus: u16, devnum: u16, vendor_id: u16, product_id: u16, port: &str) -> UsbDevice {
+        let parent_hub = match port.rsplit_once('.') {
+            Some((hub, _)) => Some(hub.to_string()),
+            None => port.split_once('-').map(|(bus, _)| format!("usb{bus}")),
+        };
+        UsbDevice {
+            syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
+            bus,
+            devnum,
+            vendor_id,
+            product_id,
+            serial: None,
+            port_path: port.to_string(),
+            parent_hub,
+            device_class: 0,
+            interface_classes: Vec::new(),
+            manufacturer: None,
+            product: None,
+            vendor_from_database: None,
+            model_from_database: None,
+        }
+    }
+}

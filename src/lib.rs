@@ -1,0 +1,7 @@
+//! usbpass: keeps named USB devices inside the right running libvirt VM.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants.
+
+pub mod device;
+pub mod event;
+pub mod hypervisor;
