@@ -1,0 +1,1324 @@
+#!/usr/bin/python3
+# tests/e2e/in_vm.py: the inner level of the end-to-end test, run inside the test VM
+# by tests/e2e/run. Starts udevd (when virtme-ng's init has none), virtlogd, libvirtd
+# and firmware-only guest domains, plugs and unplugs QEMU's emulated USB devices through
+# the test VM's own QMP (over /dev/virtio-ports/qmp), runs the scenarios against
+# `usbpass daemon`, measures the udev-RUN script baseline, and writes results.json
+# into the scratch folder. Ground truth is the guest QEMU's `info usb` and the live
+# domain XML, read over one persistent libvirt connection.
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+
+import libvirt
+import libvirt_qemu
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scenarios import SCENARIOS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+URI = "qemu:///system"
+GUEST1 = "e2e-guest1"
+GUEST2 = "e2e-guest2"
+WRAPPED = "e2e-wrapped"
+GUEST_PORTS = 8
+USBPASS_ALIAS = "ua-usbpass-"
+# Deadlines (seconds). Generous: everything here runs under TCG on 2 shared cores.
+ATTACH_DEADLINE = 30
+DETACH_DEADLINE = 30
+ENUMERATE_DEADLINE = 20
+DOMAIN_CALL_DEADLINE = 90
+LIBVIRT_CALL_DEADLINE = 45
+S4_BASELINE_WINDOW = 20
+
+# QEMU's emulated USB devices: driver, product string, vid:pid, and the root hub bus the
+# test VM's kernel puts them on (high/full speed on bus 1, SuperSpeed on bus 2).
+KINDS = {
+    "kbd": ("usb-kbd", "QEMU USB Keyboard", "0627", "0001", 1),
+    "tablet": ("usb-tablet", "QEMU USB Tablet", "0627", "0001", 1),
+    "mouse": ("usb-mouse", "QEMU USB Mouse", "0627", "0001", 1),
+    "stick": ("usb-storage", "QEMU USB HARDDRIVE", "46f4", "0001", 2),
+    "serial": ("usb-serial", "QEMU USB SERIAL", "0403", "6001", 1),
+}
+
+RULES = """\
+# Written by tests/e2e/in_vm.py. First match wins.
+uri = "qemu:///system"
+
+[[rule]]
+name = "port-six"
+port = "1-6"
+vm = "e2e-guest1"
+
+[[rule]]
+name = "stick-a"
+serial = "E2E-STICK-A"
+vm = "e2e-guest1"
+
+[[rule]]
+name = "stick-b"
+serial = "E2E-STICK-B"
+vm = "e2e-guest2"
+
+[[rule]]
+name = "fallback-tablet"
+serial = "E2E-TAB-7"
+vm = ["e2e-guest1", "e2e-guest2"]
+
+[[rule]]
+name = "late-tablet"
+serial = "E2E-TAB-4"
+vm = "e2e-guest2"
+
+[[rule]]
+name = "keyboard"
+id = "0627:0001"
+vm = "e2e-guest1"
+"""
+
+RULE_ADDED_LIVE = """
+[[rule]]
+name = "stick-added-live"
+serial = "E2E-STICK-NONE"
+vm = "e2e-guest1"
+"""
+
+RULE_BROKEN = """
+[[rule]]
+name = "broken"
+id = "zz12:0001"
+vm = "e2e-guest1"
+"""
+
+
+class Fail(Exception):
+    """A scenario's assertion failed; the message is the reason printed."""
+
+
+class ScriptGaveUp(Exception):
+    """The baseline script logged a failed virsh call: stop waiting for its device."""
+
+
+def say(message):
+    print(f"[{time.monotonic() - T_START:7.1f}] {message}", flush=True)
+
+
+T_START = time.monotonic()
+
+
+def run(command, timeout=60, check=True, env=None):
+    result = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, env=env
+    )
+    if check and result.returncode != 0:
+        raise Fail(f"{' '.join(command)} exited {result.returncode}: {result.stdout.decode(errors='replace').strip()[-300:]}")
+    return result.stdout.decode(errors="replace")
+
+
+def wait_until(predicate, timeout, what, interval=0.05):
+    """Poll predicate until it returns a true value; Fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Fail as error:
+            last_error = error
+        if time.monotonic() >= deadline:
+            suffix = f" (last error: {last_error})" if last_error else ""
+            raise Fail(f"{what} not seen within {timeout} s{suffix}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- QMP of the test VM
+
+
+class Qmp:
+    """QMP of the test VM's own QEMU, bridged in over a virtio-serial port."""
+
+    def __init__(self, path="/dev/virtio-ports/qmp"):
+        wait_until(lambda: os.path.exists(path), 20, f"{path}", interval=0.2)
+        self.fd = os.open(path, os.O_RDWR)
+        self.buffer = b""
+        self.next_id = 0
+        # The greeting may have been queued before we opened the port, or not at all if
+        # an earlier session negotiated already; qmp_capabilities copes with both.
+        try:
+            self.execute("qmp_capabilities")
+        except Fail as error:
+            if "already" not in str(error).lower() and "CommandNotFound" not in str(error):
+                raise
+
+    def _read_message(self, deadline):
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Fail("test VM's QMP did not answer within its deadline")
+            import select
+
+            readable, _, _ = select.select([self.fd], [], [], remaining)
+            if readable:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    time.sleep(0.05)
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        line = line.strip()
+        return json.loads(line) if line else {}
+
+    def execute(self, command, arguments=None, timeout=20):
+        self.next_id += 1
+        ident = f"e2e-{self.next_id}"
+        message = {"execute": command, "id": ident}
+        if arguments is not None:
+            message["arguments"] = arguments
+        os.write(self.fd, (json.dumps(message) + "\n").encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read_message(deadline)
+            if reply.get("id") != ident:
+                continue  # greeting or asynchronous event
+            if "error" in reply:
+                raise Fail(f"qmp {command}: {reply['error'].get('class')}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+
+# ---------------------------------------------------------------- USB in the test VM
+
+
+class Plug:
+    """One emulated device plugged into the test VM's xhci controller."""
+
+    def __init__(self, kind, port, qmp_id, serial):
+        self.kind = kind
+        self.driver, self.product, self.vendor, self.product_id, self.bus = KINDS[kind]
+        self.port = port
+        self.qmp_id = qmp_id
+        self.serial = serial
+        self.port_path = f"{self.bus}-{port}"
+        self.busnum = None
+        self.devnum = None
+        self.added_at = None
+
+    def __repr__(self):
+        return f"{self.kind} {self.vendor}:{self.product_id} serial={self.serial} port={self.port_path} addr={self.busnum}:{self.devnum}"
+
+
+class Usb:
+    def __init__(self, qmp):
+        self.qmp = qmp
+        self.count = 0
+        self.plugged = {}
+        self.sticks_free = ["stick-a", "stick-b", "stick-c", "stick-d"]
+        scratch = CONFIG["scratch"]
+        for stick in self.sticks_free:
+            self.qmp.execute(
+                "blockdev-add",
+                {"driver": "raw", "node-name": stick, "file": {"driver": "file", "filename": f"{scratch}/{stick}.img"}},
+            )
+        # usb-serial attaches only while its chardev backend is open; a ring buffer is.
+        self.qmp.execute("chardev-add", {"id": "e2e-ring", "backend": {"type": "ringbuf", "data": {"size": 4096}}})
+        self.serial_in_use = False
+
+    def plug(self, kind, port, serial=None, wait=True):
+        self.count += 1
+        qmp_id = f"e2e-{kind}-{self.count}"
+        plug = Plug(kind, port, qmp_id, serial)
+        arguments = {"driver": plug.driver, "bus": "xhci.0", "port": str(port), "id": qmp_id}
+        if serial is not None:
+            arguments["serial"] = serial
+        if kind == "stick":
+            plug.drive = self.sticks_free.pop(0)
+            arguments["drive"] = plug.drive
+        if kind == "serial":
+            arguments["chardev"] = "e2e-ring"
+        if os.path.exists(f"/sys/bus/usb/devices/{plug.port_path}"):
+            raise Fail(f"port {plug.port_path} is still occupied before plugging {kind}")
+        plug.added_at = time.monotonic()
+        self.qmp.execute("device_add", arguments)
+        self.plugged[qmp_id] = plug
+        if wait:
+            self.wait_enumerated(plug)
+        return plug
+
+    def wait_enumerated(self, plug):
+        sysfs = f"/sys/bus/usb/devices/{plug.port_path}"
+
+        def present():
+            try:
+                with open(f"{sysfs}/idVendor") as file:
+                    vendor = file.read().strip()
+                with open(f"{sysfs}/devnum") as file:
+                    devnum = int(file.read())
+                with open(f"{sysfs}/busnum") as file:
+                    busnum = int(file.read())
+            except (FileNotFoundError, ValueError):
+                return None
+            return vendor == plug.vendor and (busnum, devnum)
+
+        plug.busnum, plug.devnum = wait_until(present, ENUMERATE_DEADLINE, f"{plug.kind} at {plug.port_path} in the test VM's sysfs")
+        return plug
+
+    def unplug(self, plug):
+        self.qmp.execute("device_del", {"id": plug.qmp_id})
+        del self.plugged[plug.qmp_id]
+        wait_until(
+            lambda: not os.path.exists(f"/sys/bus/usb/devices/{plug.port_path}"),
+            ENUMERATE_DEADLINE,
+            f"{plug.kind} gone from {plug.port_path}",
+        )
+        if plug.kind == "stick":
+            self.sticks_free.append(plug.drive)
+
+    def unplug_all(self):
+        for plug in list(self.plugged.values()):
+            try:
+                self.unplug(plug)
+            except Fail as error:
+                say(f"cleanup: unplug {plug}: {error}")
+
+
+# ---------------------------------------------------------------- libvirt inside
+
+
+class Libvirt:
+    """One persistent connection (a virsh process costs 1.5 s here), reopened when lost."""
+
+    def __init__(self):
+        self.connection = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+
+    def call(self, what, function, timeout=LIBVIRT_CALL_DEADLINE):
+        future = self.pool.submit(function)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            # The thread stays blocked in libvirt; drop the connection so later calls
+            # do not queue behind it.
+            self.connection = None
+            raise Fail(f"libvirt: {what} did not return within {timeout} s")
+        except libvirt.libvirtError as error:
+            if self.connection is not None and not self._alive():
+                self.connection = None
+            raise Fail(f"libvirt: {what}: {error.get_error_message()}")
+
+    def _alive(self):
+        try:
+            return self.connection.isAlive()
+        except libvirt.libvirtError:
+            return False
+
+    def conn(self):
+        if self.connection is None or not self._alive():
+            self.connection = self.call("open " + URI, lambda: libvirt.open(URI), timeout=30)
+        return self.connection
+
+    def domain(self, name):
+        connection = self.conn()
+        return self.call(f"lookup {name}", lambda: connection.lookupByName(name))
+
+    def is_active(self, name):
+        domain = self.domain(name)
+        return bool(self.call(f"isActive {name}", domain.isActive))
+
+    def xml(self, name):
+        domain = self.domain(name)
+        return self.call(f"XMLDesc {name}", lambda: domain.XMLDesc(0))
+
+    def info_usb(self, name):
+        """The guest QEMU's own `info usb`: a list of (product, id)."""
+        domain = self.domain(name)
+        text = self.call(
+            f"info usb of {name}",
+            lambda: libvirt_qemu.qemuMonitorCommand(domain, "info usb", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP),
+        )
+        found = []
+        for line in text.splitlines():
+            match = re.search(r"Product (.*?), ID: (\S+)", line)
+            if match:
+                found.append((match.group(1), match.group(2)))
+            elif line.strip().startswith("Device"):
+                found.append(("?", line.strip()))
+        return found
+
+    def hostdevs(self, name):
+        """USB hostdevs in the live XML: dicts of alias, vendor, product, bus, device."""
+        root = ElementTree.fromstring(self.xml(name))
+        result = []
+        for hostdev in root.findall("./devices/hostdev[@type='usb']"):
+            alias = hostdev.find("alias")
+            vendor = hostdev.find("source/vendor")
+            product = hostdev.find("source/product")
+            address = hostdev.find("source/address")
+            result.append(
+                {
+                    "alias": alias.get("name") if alias is not None else None,
+                    "vendor": vendor.get("id") if vendor is not None else None,
+                    "product": product.get("id") if product is not None else None,
+                    "bus": int(address.get("bus"), 0) if address is not None else None,
+                    "device": int(address.get("device"), 0) if address is not None else None,
+                }
+            )
+        return result
+
+    def define(self, xml):
+        connection = self.conn()
+        return self.call("define domain", lambda: connection.defineXML(xml), timeout=DOMAIN_CALL_DEADLINE)
+
+    def start(self, name):
+        domain = self.domain(name)
+        self.call(f"start {name}", domain.create, timeout=DOMAIN_CALL_DEADLINE)
+
+    def destroy(self, name):
+        domain = self.domain(name)
+        if self.call(f"isActive {name}", domain.isActive):
+            self.call(f"destroy {name}", domain.destroy, timeout=DOMAIN_CALL_DEADLINE)
+
+
+# ---------------------------------------------------------------- services
+
+
+def ensure_udevd():
+    ping = subprocess.run(["udevadm", "control", "--ping", "--timeout=5"], capture_output=True)
+    if ping.returncode == 0:
+        say("udevd already running (virtme-ng init); not starting a second one")
+        return
+    say("starting systemd-udevd")
+    subprocess.run(["/lib/systemd/systemd-udevd", "--daemon"], check=True, timeout=30)
+    run(["udevadm", "trigger", "--action=add"], timeout=60)
+    run(["udevadm", "settle", "--timeout=60"], timeout=90)
+
+
+def prepare_libvirt_config():
+    """/etc is a per-VM overlay under virtme-ng: set up the user and qemu.conf there."""
+    if subprocess.run(["getent", "group", "libvirt-qemu"], capture_output=True).returncode != 0:
+        run(["groupadd", "-r", "libvirt-qemu"])
+    if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode != 0:
+        run(["useradd", "-r", "-g", "libvirt-qemu", "libvirt-qemu"])
+    for folder in ("/var/log/libvirt", "/var/lib/libvirt/qemu", "/run/libvirt", "/var/cache/libvirt"):
+        os.makedirs(folder, exist_ok=True)
+    with open("/etc/libvirt/qemu.conf", "w") as file:
+        file.write(
+            "# written by tests/e2e/in_vm.py inside the test VM (an overlay, not the host)\n"
+            'user = "root"\ngroup = "root"\ncgroup_controllers = [ ]\nsecurity_driver = "none"\n'
+        )
+    # The host's own defined domains and networks are visible through the overlay; they
+    # are not ours to start.
+    for folder in ("/etc/libvirt/qemu", "/etc/libvirt/qemu/autostart", "/etc/libvirt/qemu/networks/autostart"):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) or os.path.islink(path):
+                    os.unlink(path)
+
+
+def start_libvirtd(lv):
+    env = dict(os.environ)
+    env["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{CONFIG['scratch']}/libvirtd.log"
+    if subprocess.run(["pgrep", "-x", "virtlogd"], capture_output=True).returncode != 0:
+        subprocess.run(["virtlogd", "-d"], check=True, timeout=30)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=60, env=env)
+
+    def answers():
+        try:
+            lv.connection = None
+            lv.conn()
+            return True
+        except Fail:
+            return False
+
+    wait_until(answers, 120, "libvirtd answering on " + URI, interval=0.5)
+
+
+def libvirtd_pid():
+    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def domain_xml(name, emulator="/usr/bin/qemu-system-x86_64", hostdev=""):
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <controller type='usb' model='qemu-xhci' ports='{GUEST_PORTS}'/>
+    <memballoon model='none'/>
+    {hostdev}
+  </devices>
+</domain>"""
+
+
+def qemu_pid(name):
+    try:
+        with open(f"/run/libvirt/qemu/{name}.pid") as file:
+            return int(file.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def start_domain(lv, name, attempts=3):
+    """Start a domain with a deadline, retrying: one start in seven hung here once."""
+    last = None
+    for attempt in range(1, attempts + 1):
+        try:
+            lv.start(name)
+            wait_until(lambda: lv.is_active(name), 30, f"{name} active")
+            return
+        except Fail as error:
+            last = error
+            say(f"start {name}, attempt {attempt}: {error}")
+            pid = qemu_pid(name)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                lv.destroy(name)
+            except Fail:
+                pass
+            if "did not return" in str(error):
+                restart_libvirtd(lv)
+    raise Fail(f"could not start {name}: {last}")
+
+
+def define_domain(lv, xml, name, attempts=3):
+    last = None
+    for attempt in range(1, attempts + 1):
+        try:
+            lv.define(xml)
+            return
+        except Fail as error:
+            last = error
+            say(f"define {name}, attempt {attempt}: {error}")
+            if "did not return" in str(error):
+                restart_libvirtd(lv)
+    raise Fail(f"could not define {name}: {last}")
+
+
+def restart_libvirtd(lv):
+    pid = libvirtd_pid()
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            wait_until(lambda: libvirtd_pid() is None, 15, "libvirtd exit", interval=0.1)
+        except Fail:
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: libvirtd_pid() is None, 10, "libvirtd exit after SIGKILL", interval=0.1)
+    lv.connection = None
+    start_libvirtd(lv)
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    def __init__(self, binary, scratch):
+        self.binary = binary
+        self.config = f"{scratch}/usbpass.toml"
+        self.state = f"{scratch}/state.json"
+        self.log_path = f"{scratch}/daemon.log"
+        self.process = None
+        self.unavailable = None
+        if not os.access(binary, os.X_OK):
+            self.unavailable = f"daemon not available: {binary} missing"
+        else:
+            help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+            if "daemon" not in help_text.stdout + help_text.stderr:
+                self.unavailable = "daemon not available: usbpass --help lists no daemon subcommand"
+
+    def require(self):
+        if self.unavailable:
+            raise Fail(self.unavailable)
+
+    def write_rules(self, text):
+        temporary = self.config + ".tmp"
+        with open(temporary, "w") as file:
+            file.write(text)
+        os.rename(temporary, self.config)
+
+    def read_state(self):
+        try:
+            with open(self.state) as file:
+                return json.load(file)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def log_size(self):
+        try:
+            return os.path.getsize(self.log_path)
+        except FileNotFoundError:
+            return 0
+
+    def log_since(self, offset):
+        try:
+            with open(self.log_path, "rb") as file:
+                file.seek(offset)
+                return file.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def start(self):
+        self.require()
+        if self.running():
+            return
+        log = open(self.log_path, "ab")
+        log.write(f"---- e2e: daemon started at t={time.monotonic() - T_START:.1f}\n".encode())
+        log.flush()
+        env = dict(os.environ, USBPASS_LOG="info")
+        self.process = subprocess.Popen(
+            [self.binary, "--config", self.config, "--state", self.state, "daemon"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        log.close()
+        pid = self.process.pid
+
+        def ready():
+            if self.process.poll() is not None:
+                raise Fail(f"daemon exited with status {self.process.returncode}: {self.log_since(0)[-400:]!r}")
+            state = self.read_state()
+            return state is not None and state.get("pid") == pid
+
+        try:
+            wait_until(ready, 60, "daemon's first state file")
+        except Fail as error:
+            if self.process.poll() is not None and "error: unrecognized subcommand" in self.log_since(0):
+                self.unavailable = "daemon not available: subcommand missing"
+            raise Fail(f"daemon did not come up: {error}")
+
+    def kill9(self):
+        if self.running():
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self):
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                say("daemon ignored SIGTERM for 15 s; killing it")
+                self.process.kill()
+                self.process.wait()
+                raise Fail("daemon did not exit within 15 s of SIGTERM")
+            self.process = None
+
+
+# ---------------------------------------------------------------- ground truth
+
+
+class World:
+    def __init__(self, lv, usb, daemon):
+        self.lv = lv
+        self.usb = usb
+        self.daemon = daemon
+
+    def held_by(self, domain, plug, alias_prefix=USBPASS_ALIAS):
+        """The alias under which `domain` holds `plug`, or None. Both the live XML (address
+        or IDs) and the guest QEMU's `info usb` (product under that alias) must agree."""
+        if not self.lv.is_active(domain):
+            return None
+        aliases = []
+        for hostdev in self.lv.hostdevs(domain):
+            if alias_prefix and not (hostdev["alias"] or "").startswith(alias_prefix):
+                continue
+            if hostdev["bus"] is not None:
+                if (hostdev["bus"], hostdev["device"]) != (plug.busnum, plug.devnum):
+                    continue
+            elif (hostdev["vendor"], hostdev["product"]) != (f"0x{plug.vendor}", f"0x{plug.product_id}"):
+                continue
+            aliases.append(hostdev["alias"])
+        if not aliases:
+            return None
+        for product, ident in self.lv.info_usb(domain):
+            if product == plug.product and ident in aliases:
+                return ident
+        return None
+
+    def wait_in_guest(self, domain, plug, since=None, timeout=ATTACH_DEADLINE, alias_prefix=USBPASS_ALIAS, fail_fast=None):
+        """Poll ground truth until `domain` holds `plug`; returns seconds since `since`."""
+        since = plug.added_at if since is None else since
+
+        def check():
+            if fail_fast is not None:
+                fail_fast()
+            return self.held_by(domain, plug, alias_prefix)
+
+        wait_until(check, timeout, f"{plug} in {domain}'s info usb and live XML")
+        return time.monotonic() - since
+
+    def wait_not_in_guest(self, domain, plug, timeout=DETACH_DEADLINE):
+        wait_until(lambda: self.held_by(domain, plug) is None, timeout, f"{plug} gone from {domain}")
+
+    def usbpass_hostdevs(self, domain):
+        if not self.lv.is_active(domain):
+            return []
+        return [h for h in self.lv.hostdevs(domain) if (h["alias"] or "").startswith(USBPASS_ALIAS)]
+
+    def assert_exactly(self, expected, timeout=DETACH_DEADLINE):
+        """Live XML of each running guest holds exactly the expected usbpass hostdevs
+        (by bus:device) and the guest's info usb lists no more usbpass devices than that."""
+
+        def matches():
+            problems = []
+            for domain in (GUEST1, GUEST2):
+                want = sorted((p.busnum, p.devnum) for p in expected.get(domain, []))
+                hostdevs = self.usbpass_hostdevs(domain)
+                have = sorted((h["bus"], h["device"]) for h in hostdevs)
+                if have != want:
+                    problems.append(f"{domain} live XML has usbpass hostdevs at {have}, expected {want}")
+                    continue
+                if self.lv.is_active(domain):
+                    listed = [i for _, i in self.lv.info_usb(domain) if i.startswith(USBPASS_ALIAS)]
+                    if len(listed) != len(want):
+                        problems.append(f"{domain} info usb lists {listed}, expected {len(want)} usbpass devices")
+            if problems:
+                raise Fail("; ".join(problems))
+            return True
+
+        wait_until(matches, timeout, "exactly the expected hostdevs")
+
+    def diagnostics(self):
+        out = []
+        out.append("---- daemon log (last 40 lines)")
+        out.extend(self.daemon.log_since(0).splitlines()[-40:])
+        out.append("---- daemon state")
+        out.append(json.dumps(self.daemon.read_state(), indent=1)[-3000:] if self.daemon.read_state() else "(none)")
+        out.append("---- libvirtd log (last 30 lines)")
+        try:
+            with open(f"{CONFIG['scratch']}/libvirtd.log", errors="replace") as file:
+                out.extend(file.read().splitlines()[-30:])
+        except FileNotFoundError:
+            out.append("(none)")
+        for domain in (GUEST1, GUEST2):
+            out.append(f"---- {domain}")
+            try:
+                if self.lv.is_active(domain):
+                    out.append("info usb: " + repr(self.lv.info_usb(domain)))
+                    out.extend(l for l in self.lv.xml(domain).splitlines() if "hostdev" in l or "address" in l or "alias" in l or "vendor" in l)
+                else:
+                    out.append("(not running)")
+            except Fail as error:
+                out.append(f"(unreadable: {error})")
+        out.append("---- test VM USB: " + " ".join(sorted(os.listdir("/sys/bus/usb/devices"))))
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------- results
+
+
+class Results:
+    def __init__(self, path):
+        self.path = path
+        self.data = {
+            "scenarios": [],
+            "fatal": None,
+            "measurements": {
+                "usbpass": {"plug_running_s": [], "replug_s": [], "replug_ok": 0, "replug_total": 0, "vm_start_s": [], "vm_start_ok": 0, "vm_start_total": 0},
+                "script": {"plug_running_s": [], "replug_s": [], "replug_ok": 0, "replug_total": 0, "vm_start_s": [], "vm_start_ok": 0, "vm_start_total": 0},
+                "decision_us": [],
+                "attach_call_ms": [],
+                "wrapper_replug_s": [],
+            },
+            "environment": {},
+        }
+        self.save()
+
+    def measure(self, who, key, value):
+        self.data["measurements"][who][key].append(round(value, 4))
+        self.save()
+
+    def count(self, who, key, ok):
+        m = self.data["measurements"][who]
+        m[f"{key}_total"] += 1
+        m[f"{key}_ok"] += 1 if ok else 0
+        self.save()
+
+    def scenario(self, number, name, ok, reason, seconds):
+        self.data["scenarios"].append({"number": number, "name": name, "ok": ok, "reason": reason, "seconds": round(seconds, 1)})
+        self.save()
+
+    def save(self):
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as file:
+            json.dump(self.data, file, indent=1)
+        os.rename(temporary, self.path)
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def cycle_to_guest(world, who, kind, port, domain, serial=None, alias_prefix=USBPASS_ALIAS, fail_fast=None):
+    plug = world.usb.plug(kind, port, serial)
+    seconds = world.wait_in_guest(domain, plug, alias_prefix=alias_prefix, fail_fast=fail_fast)
+    say(f"{who}: {plug} in {domain} after {seconds:.2f} s")
+    return plug, seconds
+
+
+def scenario_1(world, results):
+    world.daemon.start()
+    # Five plug/unplug cycles for the median; the last plug stays for scenario 2.
+    for attempt in range(5):
+        plug, seconds = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+        results.measure("usbpass", "plug_running_s", seconds)
+        world.assert_exactly({GUEST1: [plug]})
+        if attempt < 4:
+            world.usb.unplug(plug)
+            world.wait_not_in_guest(GUEST1, plug)
+    world.keyboard = plug
+
+
+def scenario_2(world, results):
+    world.daemon.require()
+    plug = getattr(world, "keyboard", None)
+    if plug is None or plug.qmp_id not in world.usb.plugged:
+        plug, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+    world.usb.unplug(plug)
+    world.wait_not_in_guest(GUEST1, plug)
+    world.assert_exactly({})
+
+
+def scenario_3(world, results):
+    world.daemon.start()
+    failures = []
+    devnums = []
+    last = None
+    for attempt in range(10):
+        plug = world.usb.plug("kbd", 1)
+        devnums.append(plug.devnum)
+        try:
+            seconds = world.wait_in_guest(GUEST1, plug)
+            results.measure("usbpass", "replug_s", seconds)
+            results.count("usbpass", "replug", True)
+        except Fail as error:
+            results.count("usbpass", "replug", False)
+            failures.append(f"replug {attempt + 1}: {error}")
+        last = plug
+        if attempt < 9:
+            world.usb.unplug(plug)
+            try:
+                world.wait_not_in_guest(GUEST1, plug)
+            except Fail as error:
+                failures.append(f"unplug {attempt + 1}: {error}")
+    say(f"usbpass: replug device numbers {devnums}")
+    if len(set(devnums)) != len(devnums):
+        failures.append(f"device numbers repeated: {devnums}")
+    if failures:
+        raise Fail("; ".join(failures[:3]) + (f" (+{len(failures) - 3} more)" if len(failures) > 3 else ""))
+    world.assert_exactly({GUEST1: [last]})
+    listed = world.lv.info_usb(GUEST1)
+    if len(listed) != 1:
+        raise Fail(f"{GUEST1} info usb lists {listed} after 10 replugs: guest ports leak")
+    world.usb.unplug(last)
+    world.assert_exactly({})
+
+
+def scenario_4(world, results):
+    world.daemon.start()
+    failures = []
+    for attempt in range(5):
+        world.lv.destroy(GUEST2)
+        plug = world.usb.plug("tablet", 4, serial="E2E-TAB-4")
+        # Let udev and the daemon see the device before the VM starts.
+        run(["udevadm", "settle", "--timeout=20"], timeout=30)
+        started = time.monotonic()
+        start_domain(world.lv, GUEST2)
+        try:
+            seconds = world.wait_in_guest(GUEST2, plug, since=started)
+            say(f"usbpass: {plug} in {GUEST2} {seconds:.2f} s after its start")
+            results.measure("usbpass", "vm_start_s", seconds)
+            results.count("usbpass", "vm_start", True)
+        except Fail as error:
+            results.count("usbpass", "vm_start", False)
+            failures.append(f"start {attempt + 1}: {error}")
+        world.usb.unplug(plug)
+        world.wait_not_in_guest(GUEST2, plug)
+    if failures:
+        raise Fail("; ".join(failures[:2]))
+    world.assert_exactly({})
+
+
+def scenario_5(world, results):
+    world.daemon.start()
+    for domain in (GUEST1, GUEST2):
+        if not world.lv.is_active(domain):
+            start_domain(world.lv, domain)
+    stick_a = world.usb.plug("stick", 2, serial="E2E-STICK-A")
+    stick_b = world.usb.plug("stick", 3, serial="E2E-STICK-B")
+    world.wait_in_guest(GUEST1, stick_a)
+    world.wait_in_guest(GUEST2, stick_b)
+    world.assert_exactly({GUEST1: [stick_a], GUEST2: [stick_b]})
+    world.usb.unplug(stick_a)
+    world.usb.unplug(stick_b)
+    world.assert_exactly({})
+
+
+def scenario_6(world, results):
+    world.daemon.start()
+    # A mouse (0627:0001) and then a serial adapter (0403:6001) in the same port: the
+    # port rule comes first in the file, so it wins over the keyboard's id rule.
+    mouse, _ = cycle_to_guest(world, "usbpass", "mouse", 6, GUEST1)
+    world.assert_exactly({GUEST1: [mouse]})
+    world.usb.unplug(mouse)
+    world.wait_not_in_guest(GUEST1, mouse)
+    serial, _ = cycle_to_guest(world, "usbpass", "serial", 6, GUEST1)
+    world.assert_exactly({GUEST1: [serial]})
+    world.usb.unplug(serial)
+    world.assert_exactly({})
+
+
+def scenario_7(world, results):
+    world.daemon.start()
+    for domain in (GUEST1, GUEST2):
+        if not world.lv.is_active(domain):
+            start_domain(world.lv, domain)
+    tablet, _ = cycle_to_guest(world, "usbpass", "tablet", 7, GUEST1, serial="E2E-TAB-7")
+    world.lv.destroy(GUEST1)
+    moved = time.monotonic()
+    seconds = world.wait_in_guest(GUEST2, tablet, since=moved)
+    say(f"usbpass: {tablet} moved to {GUEST2} {seconds:.2f} s after {GUEST1} was destroyed")
+    world.assert_exactly({GUEST2: [tablet]})
+    start_domain(world.lv, GUEST1)
+    back = time.monotonic()
+    seconds = world.wait_in_guest(GUEST1, tablet, since=back)
+    say(f"usbpass: {tablet} back in {GUEST1} {seconds:.2f} s after its start")
+    world.assert_exactly({GUEST1: [tablet]})
+    world.usb.unplug(tablet)
+    world.assert_exactly({})
+
+
+def placements(state):
+    """The state file's device placements, without fields that change on restart."""
+    if state is None:
+        return None
+    return sorted(json.dumps(p, sort_keys=True) for p in state.get("devices", []))
+
+
+def attach_lines(text, vendor_product):
+    return [l for l in text.splitlines() if l.lstrip().find("attach device=" + vendor_product) >= 0 and "detach" not in l.split("attach device=")[0][-3:]]
+
+
+def scenario_8(world, results):
+    world.daemon.start()
+    keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+    world.assert_exactly({GUEST1: [keyboard]})
+    wait_until(lambda: placements(world.daemon.read_state()) and any(h for p in world.daemon.read_state()["devices"] for h in p.get("holders", [])), 10, "state file showing the keyboard held")
+    before_state = placements(world.daemon.read_state())
+    before_xml = world.usbpass_hostdevs(GUEST1)
+    world.daemon.kill9()
+    offset = world.daemon.log_size()
+    world.daemon.start()
+    # The new daemon has written its first state; give it a moment to make a mistake.
+    wait_until(lambda: placements(world.daemon.read_state()) == before_state, 20, "state after restart equal to state before")
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        again = [l for l in world.daemon.log_since(offset).splitlines() if " attach device=0627:0001" in f" {l}" or l.startswith("attach device=0627:0001")]
+        if again:
+            raise Fail(f"daemon attached again after restart: {again[0]}")
+        time.sleep(0.2)
+    after_xml = world.usbpass_hostdevs(GUEST1)
+    if after_xml != before_xml:
+        raise Fail(f"live XML changed across the restart: {before_xml} -> {after_xml}")
+    world.assert_exactly({GUEST1: [keyboard]})
+    world.usb.unplug(keyboard)
+    world.assert_exactly({})
+
+
+def scenario_9(world, results):
+    world.daemon.start()
+    restart_libvirtd(world.lv)
+    wait_until(
+        lambda: (world.daemon.read_state() or {}).get("libvirt", {}).get("connected"),
+        60,
+        "daemon's state saying libvirt connected again",
+        interval=0.2,
+    )
+    keyboard, seconds = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+    world.assert_exactly({GUEST1: [keyboard]})
+    world.usb.unplug(keyboard)
+    world.assert_exactly({})
+
+
+def scenario_10(world, results):
+    world.daemon.require()
+    world.daemon.stop()
+    keyboard = world.usb.plug("kbd", 1)
+    run(["udevadm", "settle", "--timeout=20"], timeout=30)
+    started = time.monotonic()
+    world.daemon.start()
+    seconds = world.wait_in_guest(GUEST1, keyboard, since=started)
+    say(f"usbpass: {keyboard} in {GUEST1} {seconds:.2f} s after the daemon started")
+    world.assert_exactly({GUEST1: [keyboard]})
+    world.usb.unplug(keyboard)
+    world.assert_exactly({})
+
+
+def scenario_11(world, results):
+    world.daemon.start()
+    offset = world.daemon.log_size()
+    stray = world.usb.plug("stick", 11, serial="E2E-STICK-NONE")
+    # Events are handled in order: once a later, matched plug is in the guest, the
+    # daemon has decided about the stray one.
+    keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+    world.assert_exactly({GUEST1: [keyboard]})
+    for domain in (GUEST1, GUEST2):
+        if world.held_by(domain, stray, alias_prefix=None):
+            raise Fail(f"{stray} reached {domain}")
+    tried = [l for l in world.daemon.log_since(offset).splitlines() if "46f4:0001" in l and "attach" in l]
+    if tried:
+        raise Fail(f"daemon attempted an attach of the unmatched device: {tried[0]}")
+    world.usb.unplug(keyboard)
+    world.stray = stray
+    world.assert_exactly({})
+
+
+def scenario_12(world, results):
+    world.daemon.start()
+    stray = getattr(world, "stray", None)
+    if stray is None or stray.qmp_id not in world.usb.plugged:
+        stray = world.usb.plug("stick", 11, serial="E2E-STICK-NONE")
+    edited = time.monotonic()
+    world.daemon.write_rules(RULES + RULE_ADDED_LIVE)
+    seconds = world.wait_in_guest(GUEST1, stray, since=edited)
+    say(f"usbpass: after the rules edit, {stray} in {GUEST1} {seconds:.2f} s later")
+    world.assert_exactly({GUEST1: [stray]})
+    offset = world.daemon.log_size()
+    world.daemon.write_rules(RULES + RULE_ADDED_LIVE + RULE_BROKEN)
+    config_name = os.path.basename(world.daemon.config)
+    wait_until(
+        lambda: (world.daemon.read_state() or {}).get("config_error"),
+        20,
+        "state file's config_error after the broken edit",
+        interval=0.1,
+    )
+    error = world.daemon.read_state()["config_error"]
+    if not re.search(re.escape(config_name) + r":\d+:\d+", error):
+        raise Fail(f"broken-file error does not name file:line:column: {error!r}")
+    if config_name not in world.daemon.log_since(offset):
+        raise Fail("daemon log does not mention the broken rules file")
+    if not world.daemon.running():
+        raise Fail("daemon exited on a broken rules file")
+    # The old rules (with the live-added one) still hold: the stick stays, a keyboard goes in.
+    keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+    world.assert_exactly({GUEST1: [stray, keyboard]})
+    world.usb.unplug(keyboard)
+    world.usb.unplug(stray)
+    world.assert_exactly({})
+    world.daemon.write_rules(RULES)
+
+
+# ---------------------------------------------------------------- the baseline
+
+
+BASELINE_RULES = "/run/udev/rules.d/99-usbpass-e2e-baseline.rules"
+
+
+def install_baseline(domain):
+    script = os.path.join(HERE, "baseline-attach")
+    log = f"{CONFIG['scratch']}/baseline.log"
+    os.makedirs(os.path.dirname(BASELINE_RULES), exist_ok=True)
+    with open(BASELINE_RULES, "w") as file:
+        file.write(
+            "# the udev-RUN way: a script per event calls virsh attach/detach-device --live\n"
+            f'ACTION=="add", SUBSYSTEM=="usb", ENV{{DEVTYPE}}=="usb_device", ENV{{PRODUCT}}=="627/1/*", RUN+="{script} attach {domain} {log}"\n'
+            f'ACTION=="remove", SUBSYSTEM=="usb", ENV{{DEVTYPE}}=="usb_device", ENV{{PRODUCT}}=="627/1/*", RUN+="{script} detach {domain} {log}"\n'
+        )
+    run(["udevadm", "control", "--reload"])
+
+
+def remove_baseline():
+    if os.path.exists(BASELINE_RULES):
+        os.unlink(BASELINE_RULES)
+        run(["udevadm", "control", "--reload"])
+
+
+def baseline_finished(plug):
+    """The script's own log line for this plug (it logs when virsh returns), or None."""
+    try:
+        with open(f"{CONFIG['scratch']}/baseline.log") as file:
+            for line in file:
+                fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+                fields["output"] = line.split("output=", 1)[-1].strip()
+                if fields.get("action") == "attach" and fields.get("bus") == str(plug.busnum) and fields.get("dev") == str(plug.devnum):
+                    return fields
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def baseline_plug(world, who_key, domain, since=None):
+    """Plug the keyboard and wait for the script's attach; returns seconds, or None."""
+    plug = world.usb.plug("kbd", 1)
+    failed_at = []
+
+    def fail_fast():
+        # Once the script has given up (virsh returned non-zero), allow a short grace
+        # for ground truth to catch up, then stop waiting.
+        done = baseline_finished(plug)
+        if done and done.get("rc") != "0":
+            if not failed_at:
+                failed_at.append(time.monotonic())
+            elif time.monotonic() - failed_at[0] > 2:
+                raise ScriptGaveUp(done.get("output", ""))
+
+    try:
+        seconds = world.wait_in_guest(domain, plug, since=since, alias_prefix=None, fail_fast=fail_fast)
+        say(f"script: {plug} in {domain} after {seconds:.2f} s")
+        return plug, seconds
+    except ScriptGaveUp as error:
+        say(f"script: attach of {plug} failed: {error}")
+        return plug, None
+    except Fail as error:
+        say(f"script: {error}")
+        return plug, None
+
+
+def run_baseline(world, results):
+    world.daemon.stop()
+    for domain in (GUEST1, GUEST2):
+        world.lv.destroy(domain)
+    start_domain(world.lv, GUEST1)
+    open(f"{CONFIG['scratch']}/baseline.log", "a").close()
+    install_baseline(GUEST1)
+    try:
+        # Scenario 1's plug, five times.
+        for _ in range(5):
+            plug, seconds = baseline_plug(world, "plug_running_s", GUEST1)
+            if seconds is not None:
+                results.measure("script", "plug_running_s", seconds)
+            world.usb.unplug(plug)
+            wait_script_detached(world, plug)
+        # Scenario 3's ten replugs.
+        for _ in range(10):
+            plug, seconds = baseline_plug(world, "replug_s", GUEST1)
+            results.count("script", "replug", seconds is not None)
+            if seconds is not None:
+                results.measure("script", "replug_s", seconds)
+            world.usb.unplug(plug)
+            wait_script_detached(world, plug)
+        stale = [h for h in world.lv.hostdevs(GUEST1) if h["bus"] is not None]
+        results.data["measurements"]["script"]["stale_hostdevs_after_replugs"] = len(stale)
+        results.save()
+        say(f"script: {len(stale)} hostdevs left in {GUEST1}'s live XML after the replugs")
+        # Scenario 4: plug while the VM is off, then start it.
+        install_baseline(GUEST2)
+        for _ in range(5):
+            world.lv.destroy(GUEST2)
+            plug = world.usb.plug("kbd", 1)
+            run(["udevadm", "settle", "--timeout=30"], timeout=40)
+            started = time.monotonic()
+            start_domain(world.lv, GUEST2)
+            try:
+                seconds = world.wait_in_guest(GUEST2, plug, since=started, timeout=S4_BASELINE_WINDOW, alias_prefix=None)
+                results.measure("script", "vm_start_s", seconds)
+                results.count("script", "vm_start", True)
+            except Fail as error:
+                say(f"script: after {GUEST2} start: {error}")
+                results.count("script", "vm_start", False)
+            world.usb.unplug(plug)
+            run(["udevadm", "settle", "--timeout=30"], timeout=40)
+    finally:
+        remove_baseline()
+        for domain in (GUEST1, GUEST2):
+            world.lv.destroy(domain)
+
+
+def wait_script_detached(world, plug):
+    """Give the remove event's script its chance to finish, bounded by udev settle."""
+    run(["udevadm", "settle", "--timeout=30"], timeout=40)
+
+
+# ---------------------------------------------------------------- the wrapper
+
+
+def scenario_13(world, results):
+    wrapper = CONFIG["wrapper_bin"]
+    if not os.access(wrapper, os.X_OK):
+        raise Fail(f"usbpass-qemu wrapper not available: {wrapper} missing")
+    version = subprocess.run([wrapper, "-version"], capture_output=True, text=True, timeout=30)
+    if "QEMU emulator version" not in version.stdout:
+        raise Fail("usbpass-qemu wrapper not available: `usbpass-qemu -version` does not answer like QEMU")
+    world.daemon.stop()
+    remove_baseline()
+    keyboard = world.usb.plug("kbd", 1)
+    hostdev = (
+        "<hostdev mode='subsystem' type='usb'><source startupPolicy='optional'>"
+        "<vendor id='0x0627'/><product id='0x0001'/></source>"
+        "<alias name='ua-wrapped-kbd'/></hostdev>"
+    )
+    define_domain(world.lv, domain_xml(WRAPPED, emulator=wrapper, hostdev=hostdev), WRAPPED)
+    start_domain(world.lv, WRAPPED)
+    qemu = qemu_pid(WRAPPED)
+    with open(f"/proc/{qemu}/cmdline", "rb") as file:
+        cmdline = file.read().split(b"\0")
+    usb_host = [a for a in cmdline if b"usb-host" in a]
+    say(f"wrapper: guest QEMU's usb-host argument: {usb_host}")
+    if not any(b"vendorid" in a for a in usb_host):
+        raise Fail(f"guest QEMU's command line has no vendorid/productid usb-host: {usb_host}")
+
+    def wrapped_has_keyboard():
+        return any(product == "QEMU USB Keyboard" for product, _ in world.lv.info_usb(WRAPPED))
+
+    wait_until(wrapped_has_keyboard, ATTACH_DEADLINE, f"keyboard in {WRAPPED}'s info usb at start")
+    for attempt in range(3):
+        world.usb.unplug(keyboard)
+        wait_until(lambda: not wrapped_has_keyboard(), DETACH_DEADLINE, f"keyboard gone from {WRAPPED} after unplug")
+        keyboard = world.usb.plug("kbd", 1, wait=False)
+        seconds = wait_until(lambda: wrapped_has_keyboard() and time.monotonic() - keyboard.added_at, ATTACH_DEADLINE, f"replugged keyboard back in {WRAPPED} (QEMU alone)")
+        world.usb.wait_enumerated(keyboard)
+        say(f"wrapper: replug {attempt + 1} back in {WRAPPED} after {seconds:.2f} s")
+        results.data["measurements"]["wrapper_replug_s"].append(round(seconds, 4))
+        results.save()
+    world.usb.unplug(keyboard)
+    world.lv.destroy(WRAPPED)
+
+
+# ---------------------------------------------------------------- main
+
+
+def collect_decision_times(world, results):
+    text = world.daemon.log_since(0)
+    for line in text.splitlines():
+        if "attach device=" in line and "result=ok" in line and " detach " not in f" {line}":
+            match = re.search(r"decision_us=(\d+)", line)
+            if match:
+                results.data["measurements"]["decision_us"].append(int(match.group(1)))
+            match = re.search(r"call_ms=(\d+)", line)
+            if match:
+                results.data["measurements"]["attach_call_ms"].append(int(match.group(1)))
+    results.save()
+
+
+def environment():
+    def first_line(command):
+        try:
+            return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    return {
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "qemu": first_line(["qemu-system-x86_64", "-version"]),
+        "libvirt": ".".join(str(libvirt.getVersion() // 1000**i % 1000) for i in (2, 1, 0)),
+        "usbpass": first_line([CONFIG["usbpass_bin"], "--version"]) if os.access(CONFIG["usbpass_bin"], os.X_OK) else "missing",
+    }
+
+
+def main():
+    global CONFIG
+    with open(sys.argv[1]) as file:
+        CONFIG = json.load(file)
+    deadline = T_START + CONFIG["deadline_seconds"]
+    results = Results(f"{CONFIG['scratch']}/results.json")
+    selected = [s for s in SCENARIOS if s.number in CONFIG["scenarios"]]
+    try:
+        say("loading USB host drivers")
+        for module in ("xhci_pci", "usbhid", "usb_storage", "ftdi_sio", "virtio_console"):
+            subprocess.run(["modprobe", module], timeout=60)
+        ensure_udevd()
+        qmp = Qmp()
+        usb = Usb(qmp)
+        lv = Libvirt()
+        say("starting virtlogd and libvirtd")
+        prepare_libvirt_config()
+        start_libvirtd(lv)
+        say("defining and starting the guest domains")
+        for name in (GUEST1, GUEST2):
+            define_domain(lv, domain_xml(name), name)
+        start_domain(lv, GUEST1)
+        daemon = Daemon(CONFIG["usbpass_bin"], CONFIG["scratch"])
+        daemon.write_rules(RULES)
+        if daemon.unavailable:
+            say(daemon.unavailable)
+        results.data["environment"] = environment()
+        results.save()
+    except Exception as error:  # setup failed: every scenario fails with this reason
+        traceback.print_exc()
+        results.data["fatal"] = f"test VM setup failed: {error}"
+        results.save()
+        return 1
+
+    world = World(lv, usb, daemon)
+    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 14)}
+    baseline_done = False
+    for scenario in selected:
+        if scenario.number == 13 and not baseline_done and {1, 3, 4} & set(CONFIG["scenarios"]):
+            baseline_done = True
+            if time.monotonic() < deadline - 120:
+                run_guarded("baseline", lambda: run_baseline(world, results), world)
+        if time.monotonic() > deadline:
+            results.scenario(scenario.number, scenario.name, False, "e2e time budget used up before this scenario", 0)
+            continue
+        say(f"==== scenario {scenario.number} {scenario.name}")
+        began = time.monotonic()
+        ok, reason = run_guarded(scenario.name, lambda: functions[scenario.number](world, results), world)
+        results.scenario(scenario.number, scenario.name, ok, reason, time.monotonic() - began)
+        say(f"==== {'PASS' if ok else 'FAIL'} {scenario.number} {scenario.name}{'' if ok else ': ' + reason} ({time.monotonic() - began:.1f} s)")
+        cleanup(world)
+    if not baseline_done and {1, 3, 4} & set(CONFIG["scenarios"]) and time.monotonic() < deadline - 120:
+        run_guarded("baseline", lambda: run_baseline(world, results), world)
+    collect_decision_times(world, results)
+    try:
+        world.daemon.stop()
+    except Fail as error:
+        say(str(error))
+    say("done")
+    return 0
+
+
+def run_guarded(name, function, world):
+    try:
+        function()
+        return True, None
+    except Fail as error:
+        reason = str(error)
+    except Exception as error:  # a harness bug must still end as a FAIL line, not a crash
+        traceback.print_exc()
+        reason = f"harness error: {type(error).__name__}: {error}"
+    say(f"{name} failed: {reason}")
+    if "not available" in reason:
+        return False, reason
+    try:
+        say("diagnostics:\n" + world.diagnostics())
+    except Exception as error:
+        say(f"diagnostics unavailable: {error}")
+    return False, reason
+
+
+def cleanup(world):
+    """Leave no plugged device behind so one failure does not cascade."""
+    world.usb.unplug_all()
+    for domain in (GUEST1, GUEST2):
+        try:
+            leftovers = world.usbpass_hostdevs(domain)
+            if leftovers and world.daemon.running():
+                world.assert_exactly({})
+        except Fail as error:
+            say(f"cleanup: {error}")
+
+
+CONFIG = None
+
+if __name__ == "__main__":
+    sys.exit(main())

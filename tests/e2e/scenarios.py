@@ -1,0 +1,23 @@
+# tests/e2e/scenarios.py: the numbered list of end-to-end scenarios, shared by the
+# outer driver (tests/e2e/run, which prints one line per entry) and the inner one
+# (tests/e2e/in_vm.py, which runs them), so the two can never disagree on numbering.
+
+from collections import namedtuple
+
+Scenario = namedtuple("Scenario", "number name")
+
+SCENARIOS = [
+    Scenario(1, "plug-by-id-reaches-running-vm"),
+    Scenario(2, "unplug-leaves-guest-no-stale-hostdev"),
+    Scenario(3, "replug-10x-new-devnum-no-port-leak"),
+    Scenario(4, "plug-while-vm-off-then-start"),
+    Scenario(5, "identical-devices-serial-rules-to-own-vms"),
+    Scenario(6, "port-rule-takes-any-device"),
+    Scenario(7, "two-vm-rule-fallback-and-back"),
+    Scenario(8, "daemon-kill-9-restart-no-duplicate"),
+    Scenario(9, "libvirtd-restart-reconnect-then-plug"),
+    Scenario(10, "plug-while-daemon-down-then-start"),
+    Scenario(11, "unmatched-device-stays-on-host"),
+    Scenario(12, "rules-edit-live-broken-edit-refused"),
+    Scenario(13, "usbpass-qemu-wrapper-replug-without-daemon"),
+]
