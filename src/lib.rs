@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants.
 
+pub mod config;
 pub mod device;
 pub mod event;
 pub mod hypervisor;
