@@ -256,11 +256,11 @@ impl Config {
                     ));
                 }
             }
-            let reconnect =
-                match raw_rule.reconnect.as_ref().map(|r| r.get_ref().as_str()) {
-                    None | Some("id") => ReconnectMode::Id,
-                    Some("port") => ReconnectMode::Port,
-                    Some(other) => return Err(invalid(
+            let reconnect = match raw_rule.reconnect.as_ref().map(|r| r.get_ref().as_str()) {
+                None | Some("id") => ReconnectMode::Id,
+                Some("port") => ReconnectMode::Port,
+                Some(other) => {
+                    return Err(invalid(
                         raw_rule
                             .reconnect
                             .as_ref()
@@ -268,8 +268,9 @@ impl Config {
                         format!(
                             "rule {name:?}: reconnect must be \"id\" or \"port\", not {other:?}"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             rules.push(Rule {
                 name,
                 matcher,

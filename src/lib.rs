@@ -6,3 +6,4 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod hypervisor;
+pub mod reconcile;
