@@ -48,7 +48,7 @@ pub enum Action {
     },
     Attach {
         domain: String,
-        device: UsbDevice,
+        device: Box<UsbDevice>,
         alias: String,
         rule: String,
     },
@@ -260,7 +260,7 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
             if !blocked && !remaining_owned {
                 attaches.push(Action::Attach {
                     domain: vm.clone(),
-                    device: device.clone(),
+                    device: Box::new(device.clone()),
                     alias: alias_for(device),
                     rule: rule.clone(),
                 });
