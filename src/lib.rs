@@ -2,8 +2,10 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants.
 
+pub mod atomic_file;
 pub mod config;
 pub mod device;
 pub mod event;
 pub mod hypervisor;
 pub mod reconcile;
+pub mod state;
