@@ -7,5 +7,7 @@ pub mod config;
 pub mod device;
 pub mod event;
 pub mod hypervisor;
+pub mod notify;
 pub mod reconcile;
+pub mod rules_edit;
 pub mod state;
