@@ -11,3 +11,4 @@ pub mod notify;
 pub mod reconcile;
 pub mod rules_edit;
 pub mod state;
+pub mod watch;
