@@ -4,4 +4,5 @@
 
 pub mod device;
 pub mod event;
+pub mod hostdev_xml;
 pub mod hypervisor;
