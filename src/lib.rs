@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod config;
 pub mod device;
 pub mod event;
+pub mod hostdev_xml;
 pub mod hypervisor;
 pub mod notify;
 pub mod reconcile;
