@@ -4,8 +4,10 @@
 
 pub mod atomic_file;
 pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod event;
+pub mod fake_hypervisor;
 pub mod hostdev_xml;
 pub mod hypervisor;
 pub mod notify;
