@@ -58,7 +58,10 @@ fn rules() -> Vec<Rule> {
             Rule {
                 name: format!("rule-{index}"),
                 matcher,
-                vms: vec![format!("vm-{}", target % VMS), format!("vm-{}", (target + 1) % VMS)],
+                vms: vec![
+                    format!("vm-{}", target % VMS),
+                    format!("vm-{}", (target + 1) % VMS),
+                ],
                 reconnect: ReconnectMode::Id,
                 line: index + 1,
             }
@@ -110,7 +113,11 @@ fn main() {
     let config = Config::from_rules(rules());
     let domains = domains(&devices);
     let check = plan(&config, &devices, &domains);
-    assert_eq!(check.actions.len(), DEVICES / 2, "half the devices need attaching");
+    assert_eq!(
+        check.actions.len(),
+        DEVICES / 2,
+        "half the devices need attaching"
+    );
 
     let runs = 200;
     // Paired: alternate so that both see the same machine state.
@@ -123,7 +130,11 @@ fn main() {
         }
         baseline.push(start.elapsed());
         let start = Instant::now();
-        black_box(plan(black_box(&config), black_box(&devices), black_box(&domains)));
+        black_box(plan(
+            black_box(&config),
+            black_box(&devices),
+            black_box(&domains),
+        ));
         full.push(start.elapsed());
     }
     let baseline = median(baseline);
@@ -133,9 +144,28 @@ fn main() {
         black_box(&mut settled);
     });
     println!("reconcile {DEVICES} devices x {VMS} vms x {RULES} rules, median of {runs}:");
-    println!("  baseline (first_match for every device): {:>9.3} ms", baseline.as_secs_f64() * 1e3);
-    println!("  full plan:                                {:>9.3} ms", full.as_secs_f64() * 1e3);
-    println!("  ratio full/baseline:                      {:>9.2}", full.as_secs_f64() / baseline.as_secs_f64());
-    println!("  (cloning the domain list, for scale:      {:>9.3} ms)", idle.as_secs_f64() * 1e3);
-    println!("  target: full plan under 5 ms: {}", if full < Duration::from_millis(5) { "met" } else { "NOT met" });
+    println!(
+        "  baseline (first_match for every device): {:>9.3} ms",
+        baseline.as_secs_f64() * 1e3
+    );
+    println!(
+        "  full plan:                                {:>9.3} ms",
+        full.as_secs_f64() * 1e3
+    );
+    println!(
+        "  ratio full/baseline:                      {:>9.2}",
+        full.as_secs_f64() / baseline.as_secs_f64()
+    );
+    println!(
+        "  (cloning the domain list, for scale:      {:>9.3} ms)",
+        idle.as_secs_f64() * 1e3
+    );
+    println!(
+        "  target: full plan under 5 ms: {}",
+        if full < Duration::from_millis(5) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
 }

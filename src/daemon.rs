@@ -804,11 +804,8 @@ vm = ["win11", "fedora"]
 
     #[test]
     fn the_add_race_is_retried_quickly_and_then_succeeds() {
-        // Calls: 0 connect, 1 list, 2 attach (fails), 3 list (nothing due yet);
-        // after 100 ms: 4 list, 5 attach (fails); after 250 ms: 7 list, 8 attach.
-        let world = FakeWorld::with_domains(&["win11"])
-            .failing_at(2, FailureKind::DeviceNotFound)
-            .failing_at(5, FailureKind::DeviceNotFound);
+        let mut world = FakeWorld::with_domains(&["win11"]);
+        world.failing_attaches = [FailureKind::DeviceNotFound; 2].into();
         let harness = Harness::start(RULES, world, vec![receiver(5)]);
         harness.wait_until("the attach to succeed", |w| {
             w.aliases_in("win11").len() == 1

@@ -29,6 +29,8 @@ pub struct FakeWorld {
     pub attach_times: Vec<Instant>,
     /// Calls (0-based, counted over every call including connects) that fail once.
     failing_at: BTreeMap<usize, FailureKind>,
+    /// The next attaches fail with these kinds, one each, in order.
+    pub failing_attaches: std::collections::VecDeque<FailureKind>,
     /// Fail every call from now on with this kind, until cleared.
     failing_always: Option<FailureKind>,
     /// USB ports per domain: an attach beyond this fails like a full qemu-xhci.
@@ -180,6 +182,9 @@ impl Hypervisor for FakeHypervisor {
             domain: domain.to_string(),
             alias: alias.clone(),
         }) {
+            return Err(fail(kind));
+        }
+        if let Some(kind) = world.failing_attaches.pop_front() {
             return Err(fail(kind));
         }
         let ports = world.ports_per_domain;
