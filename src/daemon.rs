@@ -605,7 +605,7 @@ mod tests {
     use super::*;
     use crate::device::fixtures::device;
     use crate::event::DomainChange;
-    use crate::fake_hypervisor::{Call, FakeConnector, FakeWorld, SharedWorld};
+    use crate::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
     use std::sync::{mpsc, Arc, Mutex};
     use std::thread::JoinHandle;
 
@@ -615,15 +615,6 @@ name = "receiver"
 id = "046d:c52b"
 vm = ["win11", "fedora"]
 "#;
-
-    #[derive(Clone, Default)]
-    struct FixedDevices(Arc<Mutex<Vec<UsbDevice>>>);
-
-    impl DeviceSource for FixedDevices {
-        fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
-            Ok(self.0.lock().unwrap().clone())
-        }
-    }
 
     struct Harness {
         world: SharedWorld,

@@ -2,7 +2,8 @@
 //! records every call and fails on demand, after cloud-hypervisor's
 //! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
 
-use crate::daemon::Connector;
+use crate::daemon::{Connector, DaemonError, DeviceSource};
+use crate::device::UsbDevice;
 use crate::event::Event;
 use crate::hostdev_xml;
 use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
@@ -252,5 +253,19 @@ impl Connector for FakeConnector {
         Ok(FakeHypervisor {
             world: self.world.clone(),
         })
+    }
+}
+
+/// A device source that lists whatever the test put in it.
+#[derive(Debug, Clone, Default)]
+pub struct FixedDevices(pub Arc<Mutex<Vec<UsbDevice>>>);
+
+impl DeviceSource for FixedDevices {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone())
     }
 }
