@@ -3,5 +3,7 @@
 //! See ARCHITECTURE.md for the code map and the invariants.
 
 pub mod device;
+pub mod device_spec;
 pub mod event;
 pub mod hypervisor;
+pub mod usb;
