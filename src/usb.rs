@@ -158,6 +158,9 @@ enum Stop {
     Failed(UsbError),
 }
 
+/// The daemon dropped its receiver.
+struct ReceiverGone;
+
 struct MonitorState {
     /// The syspaths of the devices present as far as this thread knows, to tell what was
     /// removed while events were lost.
@@ -218,7 +221,7 @@ impl MonitorState {
     }
 
     /// Turns one udev event into a daemon event. Errs only when the receiver is gone.
-    fn handle(&mut self, event: &udev::Event) -> Result<(), mpsc::SendError<Event>> {
+    fn handle(&mut self, event: &udev::Event) -> Result<(), ReceiverGone> {
         let syspath = event.syspath().to_string_lossy().into_owned();
         match event.event_type() {
             udev::EventType::Add | udev::EventType::Bind | udev::EventType::Change => {
@@ -228,14 +231,14 @@ impl MonitorState {
                 match usb_device_from_udev(event) {
                     Some(device) => {
                         self.known.insert(device.syspath.clone());
-                        self.events.send(Event::DeviceAdded(device))
+                        self.send(Event::DeviceAdded(device))
                     }
                     None => Ok(()),
                 }
             }
             udev::EventType::Remove => {
                 self.known.remove(&syspath);
-                self.events.send(Event::DeviceRemoved { syspath })
+                self.send(Event::DeviceRemoved { syspath })
             }
             other => {
                 log::debug!("ignoring udev {other} of {syspath}");
@@ -244,9 +247,13 @@ impl MonitorState {
         }
     }
 
+    fn send(&self, event: Event) -> Result<(), ReceiverGone> {
+        self.events.send(event).map_err(|_| ReceiverGone)
+    }
+
     /// After lost events: announce every present device again, and the removal of every
     /// known one that is gone.
-    fn resync(&mut self) -> Result<(), mpsc::SendError<Event>> {
+    fn resync(&mut self) -> Result<(), ReceiverGone> {
         let present = match enumerate() {
             Ok(present) => present,
             Err(error) => {
@@ -259,12 +266,12 @@ impl MonitorState {
             .map(|device| device.syspath.clone())
             .collect();
         for gone in self.known.difference(&present_paths) {
-            self.events.send(Event::DeviceRemoved {
+            self.send(Event::DeviceRemoved {
                 syspath: gone.clone(),
             })?;
         }
         for device in present {
-            self.events.send(Event::DeviceAdded(device))?;
+            self.send(Event::DeviceAdded(device))?;
         }
         self.known = present_paths;
         Ok(())
