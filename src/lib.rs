@@ -6,3 +6,4 @@ pub mod device;
 pub mod event;
 pub mod hostdev_xml;
 pub mod hypervisor;
+pub mod libvirt;
