@@ -11,6 +11,7 @@ pub mod event;
 pub mod fake_hypervisor;
 pub mod hostdev_xml;
 pub mod hypervisor;
+pub mod libvirt;
 pub mod notify;
 pub mod reconcile;
 pub mod rules_edit;
