@@ -406,7 +406,7 @@ fn rules(config_path: &Path, json: bool) -> Result<ExitCode> {
             println!("    matches nothing present");
         }
         for device in &entry.devices {
-            println!("    {device}  {}", device.display_name());
+            println!("    {device}  {}", printable(&device.display_name()));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -471,7 +471,7 @@ fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitCode>
                     println!(
                         "  {}  {} in {}",
                         placement.device,
-                        placement.device.display_name(),
+                        printable(&placement.device.display_name()),
                         where_is(placement, true)
                     );
                 }
