@@ -75,11 +75,17 @@ mod tests {
         let path = directory.path().join("sub/file.toml");
         write(&path, b"one", 0o640).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"one");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         write(&path, b"two", 0o644).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // No temporary files left behind.
         let names: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()

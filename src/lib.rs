@@ -8,6 +8,7 @@ pub mod device;
 pub mod event;
 pub mod hypervisor;
 pub mod notify;
+pub mod qemu_args;
 pub mod reconcile;
 pub mod rules_edit;
 pub mod state;
