@@ -12,4 +12,5 @@ pub mod qemu_args;
 pub mod reconcile;
 pub mod rules_edit;
 pub mod state;
+pub mod sysfs_usb;
 pub mod watch;

@@ -213,6 +213,38 @@ where
     (out, outcomes)
 }
 
+/// The guest name from `-name guest=NAME,...` (or `-name NAME`), for log lines.
+pub fn guest_name(args: &[OsString]) -> Option<String> {
+    let mut index = 0;
+    let mut found = None;
+    while index < args.len() {
+        let Some(name) = option_name(args[index].as_bytes()) else {
+            index += 1;
+            continue;
+        };
+        if !takes_value(name) {
+            index += 1;
+            continue;
+        }
+        if name == b"name" {
+            if let Some(value) = args.get(index + 1) {
+                let elements = split_keyval(value.as_bytes());
+                found = elements.iter().enumerate().find_map(|(position, element)| {
+                    if let Some(guest) = element.strip_prefix(b"guest=") {
+                        Some(lossy(&unescape_keyval(guest)))
+                    } else if position == 0 && !element.contains(&b'=') {
+                        Some(lossy(&unescape_keyval(element)))
+                    } else {
+                        None
+                    }
+                });
+            }
+        }
+        index += 2;
+    }
+    found
+}
+
 /// Rewrites one option value; `None` when it is no usb-host argument with a selector to
 /// replace (another device, or one that already reconnects by itself).
 fn rewrite_one<F>(index: usize, value: &OsStr, form: ArgForm, decide: &mut F) -> Option<Outcome>
@@ -456,7 +488,7 @@ fn parse_keyval_uint(text: &[u8]) -> Option<u64> {
         return None;
     }
     match c_strtoul(text, 0) {
-        Some((value, rest)) if rest.is_empty() => Some(value),
+        Some((value, [])) => Some(value),
         _ => None,
     }
 }
@@ -1016,6 +1048,19 @@ mod tests {
         let (out, _, _) = rewrite_with(&words, Mode::Id);
         assert_eq!(out[5], "usb-host,vendorid=0x046d,productid=0xc52b");
         assert_eq!(out[..5], os(&words)[..5]);
+    }
+
+    #[test]
+    fn guest_name_from_libvirt_and_plain_forms() {
+        assert_eq!(
+            guest_name(&os(&["-S", "-name", "guest=win,,11,debug-threads=on"])),
+            Some("win,11".to_string())
+        );
+        assert_eq!(
+            guest_name(&os(&["-name", "plain"])),
+            Some("plain".to_string())
+        );
+        assert_eq!(guest_name(&os(&["-append", "-name x"])), None);
     }
 
     #[test]
