@@ -13,4 +13,5 @@ pub mod reconcile;
 pub mod rules_edit;
 pub mod state;
 pub mod sysfs_usb;
+pub mod udev_rules;
 pub mod watch;
