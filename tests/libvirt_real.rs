@@ -559,6 +559,57 @@ fn dropping_the_hypervisor_frees_its_callbacks_and_closes_its_connection() {
 }
 
 #[test]
+fn a_remote_style_uri_with_keepalive_works() {
+    require_libvirtd!();
+    let _serial = serial();
+    // The `ext` transport counts as remote, so connect() turns keepalive on; socat
+    // carries it to the local socket, standing in for ssh.
+    let Ok(socat) = which("socat") else {
+        let reason = "socat is not installed";
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set: {reason}");
+        }
+        eprintln!("skipping: {reason}");
+        return;
+    };
+    let mut script = tempfile::Builder::new()
+        .prefix("usbpass-test-lv-ext")
+        .tempfile()
+        .unwrap();
+    writeln!(
+        script,
+        "#!/bin/sh\nexec {socat} - UNIX-CONNECT:/run/libvirt/libvirt-sock"
+    )
+    .unwrap();
+    let script = script.into_temp_path();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("qemu+ext:///system?command={}", script.display());
+    assert!(!usbpass::libvirt::is_local_uri(&uri));
+    let domain = TestDomain::plain("remote");
+    let (sender, events) = mpsc::channel();
+    let mut hypervisor = connect(&uri, sender).expect("connect through the ext transport");
+    domain.start();
+    wait_for(&events, "started event over the ext transport", |event| {
+        is_domain_change(event, &domain.name, DomainChange::Started)
+    });
+    let domains = hypervisor.running_domains().expect("running domains");
+    assert!(domains.iter().any(|view| view.name == domain.name));
+}
+
+fn which(program: &str) -> Result<String, ()> {
+    let output = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map_err(|_| ())?;
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if output.status.success() && !path.is_empty() {
+        Ok(path)
+    } else {
+        Err(())
+    }
+}
+
+#[test]
 fn reachability_is_reported_with_the_reason() {
     require_libvirtd!();
     let _serial = serial();
