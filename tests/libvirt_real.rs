@@ -8,9 +8,9 @@
 //! their own client connection.
 
 use std::io::Write;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use usbpass::device::{BusAddress, UsbId};
 use usbpass::event::{DomainChange, Event};
@@ -18,7 +18,10 @@ use usbpass::hostdev_xml::{build_usb_hostdev, parse_usb_hostdevs};
 use usbpass::hypervisor::{FailureKind, Hypervisor, HypervisorError, Ownership};
 use usbpass::libvirt::{connect, is_reachable, LibvirtHypervisor};
 
-const URI: &str = "qemu:///system";
+#[path = "support/libvirt_env.rs"]
+mod libvirt_env;
+
+use libvirt_env::{virsh_ok, TestDomain, URI};
 /// How long to wait for something libvirt does in well under a second here. Only a
 /// deadline for declaring failure, never a measurement.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -31,118 +34,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn virsh(args: &[&str]) -> Output {
-    Command::new("virsh")
-        .args(["-q", "-c", URI])
-        .args(args)
-        .output()
-        .expect("run virsh")
-}
-
-fn virsh_ok(args: &[&str]) -> String {
-    let output = virsh(args);
-    assert!(
-        output.status.success(),
-        "virsh {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Whether libvirtd answers, starting it if needed. Fails under CI when it cannot.
-fn libvirtd_ready() -> bool {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| {
-        if virsh(&["version"]).status.success() {
-            return Ok(());
-        }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/start-libvirtd");
-        let started = Command::new(script)
-            .output()
-            .map_err(|error| format!("cannot run {script}: {error}"))?;
-        if virsh(&["version"]).status.success() {
-            return Ok(());
-        }
-        Err(format!(
-            "libvirtd at {URI} does not answer and {script} could not start it: {}",
-            String::from_utf8_lossy(&started.stderr).trim()
-        ))
-    });
-    match ready {
-        Ok(()) => true,
-        Err(reason) if std::env::var_os("CI").is_some() => panic!("CI is set: {reason}"),
-        Err(reason) => {
-            eprintln!("skipping: {reason}");
-            false
-        }
-    }
-}
-
-macro_rules! require_libvirtd {
-    () => {
-        if !libvirtd_ready() {
-            return;
-        }
-    };
-}
-
-/// A firmware-only domain, destroyed and undefined on drop, whatever the test did.
-struct TestDomain {
-    name: String,
-}
-
-impl TestDomain {
-    /// `top` goes after `<name>`, `controller` into the xHCI controller's attributes,
-    /// `devices` after the controller.
-    fn define(tag: &str, top: &str, controller: &str, devices: &str) -> TestDomain {
-        let domain = TestDomain {
-            name: format!("usbpass-test-lv-{tag}-{}", std::process::id()),
-        };
-        domain.remove();
-        let xml = format!(
-            "<domain type='kvm'>
-  <name>{}</name>
-  {top}
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <controller type='usb' model='qemu-xhci'{controller}/>
-    {devices}
-  </devices>
-</domain>",
-            domain.name
-        );
-        let mut file = tempfile::NamedTempFile::new().expect("temporary file");
-        file.write_all(xml.as_bytes()).expect("write domain xml");
-        virsh_ok(&["define", file.path().to_str().unwrap()]);
-        domain
-    }
-
-    fn plain(tag: &str) -> TestDomain {
-        TestDomain::define(tag, "", "", "")
-    }
-
-    fn start(&self) {
-        virsh_ok(&["start", &self.name]);
-    }
-
-    fn destroy(&self) {
-        virsh_ok(&["destroy", &self.name]);
-    }
-
-    fn remove(&self) {
-        // Either may fail because the domain is not running or not defined: fine.
-        let _ = virsh(&["destroy", &self.name]);
-        let _ = virsh(&["undefine", &self.name]);
-    }
-}
-
-impl Drop for TestDomain {
-    fn drop(&mut self) {
-        self.remove();
-    }
 }
 
 fn open() -> (LibvirtHypervisor, Receiver<Event>) {
@@ -186,7 +77,7 @@ fn hostdev_xml() -> String {
 
 #[test]
 fn lifecycle_events_arrive_for_start_and_destroy() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     let (_hypervisor, events) = open();
     let domain = TestDomain::plain("events");
@@ -202,7 +93,7 @@ fn lifecycle_events_arrive_for_start_and_destroy() {
 
 #[test]
 fn live_xml_with_hostile_text_is_parsed() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     // `<>&'"`, U+FFFD where bytes were not UTF-8, and look-alike hostdevs in the text
     // and in namespaced metadata.
@@ -235,7 +126,7 @@ second line</description>
 
 #[test]
 fn attach_of_an_absent_device_is_a_clear_error_and_the_connection_survives() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     let domain = TestDomain::plain("attach");
     domain.start();
@@ -272,7 +163,7 @@ fn attach_of_an_absent_device_is_a_clear_error_and_the_connection_survives() {
 
 #[test]
 fn attach_to_a_full_usb_controller_is_no_free_port() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     // One port, taken by a tablet: libvirt finds no port before it looks for the device,
     // so this is the real error even on a machine without USB.
@@ -294,7 +185,7 @@ fn attach_to_a_full_usb_controller_is_no_free_port() {
 
 #[test]
 fn calls_on_a_stopped_or_missing_domain_are_domain_gone() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     let stopped = TestDomain::plain("stopped");
     let missing = format!("usbpass-test-lv-missing-{}", std::process::id());
@@ -315,7 +206,7 @@ fn calls_on_a_stopped_or_missing_domain_are_domain_gone() {
 
 #[test]
 fn detach_of_an_absent_or_foreign_alias_is_a_clear_error() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     let domain = TestDomain::plain("detach");
     domain.start();
@@ -404,7 +295,7 @@ fn assert_owned_and_foreign(hostdevs: &[usbpass::hypervisor::UsbHostdev]) {
 
 #[test]
 fn owned_and_foreign_hostdevs_are_told_apart_in_libvirts_own_xml() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     let domain = TestDomain::define("owners", "", "", HOSTDEVS);
     // QEMU domains with USB hostdevs cannot start on a host without /sys/bus/usb, so the
@@ -490,7 +381,7 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 #[test]
 fn a_server_side_disconnect_reaches_the_channel_and_a_new_connection_works() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     if !require_virt_admin() {
         return;
     }
@@ -532,7 +423,7 @@ fn a_server_side_disconnect_reaches_the_channel_and_a_new_connection_works() {
 
 #[test]
 fn dropping_the_hypervisor_frees_its_callbacks_and_closes_its_connection() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     if !require_virt_admin() {
         return;
     }
@@ -560,7 +451,7 @@ fn dropping_the_hypervisor_frees_its_callbacks_and_closes_its_connection() {
 
 #[test]
 fn a_remote_style_uri_with_keepalive_works() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     // The `ext` transport counts as remote, so connect() turns keepalive on; socat
     // carries it to the local socket, standing in for ssh.
@@ -611,7 +502,7 @@ fn which(program: &str) -> Result<String, ()> {
 
 #[test]
 fn reachability_is_reported_with_the_reason() {
-    require_libvirtd!();
+    usbpass_require_libvirtd!();
     let _serial = serial();
     is_reachable(URI).expect("libvirtd answers");
     let error = is_reachable("qemu+unix:///system?socket=/nonexistent/usbpass-test-lv-sock")
