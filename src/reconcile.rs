@@ -1,0 +1,678 @@
+//! The level-triggered core: compares what the rules want (rules × present devices ×
+//! running VMs) with what the live XML shows, and returns the actions that close the
+//! gap. Pure: no I/O, no clock. Applying its actions and calling it again yields none.
+
+use crate::config::Config;
+use crate::device::{BusAddress, UsbDevice, UsbId};
+use crate::hypervisor::{DomainView, Ownership, UsbHostdev, ALIAS_PREFIX, MANUAL_ALIAS_PREFIX};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// Why an owned hostdev is being removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "reason", content = "vm")]
+pub enum DetachReason {
+    /// The device it points at is unplugged (or replugged under a new number).
+    DeviceGone,
+    /// No rule matches the device any more.
+    NoRule,
+    /// The rules now want the device in another VM (or the first-choice VM started).
+    Moving(String),
+    /// A second owned hostdev for the same device.
+    Duplicate,
+}
+
+impl fmt::Display for DetachReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DetachReason::DeviceGone => f.write_str("device-gone"),
+            DetachReason::NoRule => f.write_str("no-rule"),
+            DetachReason::Moving(vm) => write!(f, "moving-to-{vm}"),
+            DetachReason::Duplicate => f.write_str("duplicate"),
+        }
+    }
+}
+
+/// One change to make through the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "action")]
+pub enum Action {
+    Detach {
+        domain: String,
+        alias: String,
+        /// What the hostdev pointed at, for messages.
+        id: Option<UsbId>,
+        address: Option<BusAddress>,
+        reason: DetachReason,
+    },
+    Attach {
+        domain: String,
+        device: Box<UsbDevice>,
+        alias: String,
+        rule: String,
+    },
+}
+
+impl Action {
+    pub fn domain(&self) -> &str {
+        match self {
+            Action::Detach { domain, .. } | Action::Attach { domain, .. } => domain,
+        }
+    }
+
+    pub fn alias(&self) -> &str {
+        match self {
+            Action::Detach { alias, .. } | Action::Attach { alias, .. } => alias,
+        }
+    }
+}
+
+/// Where one present device is and where the rules want it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub device: UsbDevice,
+    /// The first matching rule.
+    pub rule: Option<String>,
+    /// The VM the rules want it in now: the rule's first running VM.
+    pub wanted_vm: Option<String>,
+    /// Every hostdev that points at it.
+    pub holders: Vec<Holder>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub domain: String,
+    pub alias: Option<String>,
+    pub ownership: Ownership,
+}
+
+/// The result of one comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Plan {
+    /// Detaches first, then attaches, so a device moving between VMs is free before
+    /// it is claimed.
+    pub actions: Vec<Action>,
+    pub placements: Vec<Placement>,
+}
+
+/// The alias the daemon gives a device's hostdev. It carries the bus address and ID so
+/// that a stale entry is recognised even when libvirt's XML lacks `<address>`.
+pub fn alias_for(device: &UsbDevice) -> String {
+    format!("{ALIAS_PREFIX}{}", alias_suffix(device))
+}
+
+/// The alias `usbpass attach` gives a hand-placed hostdev.
+pub fn manual_alias_for(device: &UsbDevice) -> String {
+    format!("{MANUAL_ALIAS_PREFIX}{}", alias_suffix(device))
+}
+
+fn alias_suffix(device: &UsbDevice) -> String {
+    format!(
+        "{}-{}-{:04x}-{:04x}",
+        device.bus, device.devnum, device.vendor_id, device.product_id
+    )
+}
+
+/// Reads back what `alias_for` or `manual_alias_for` wrote.
+pub fn parse_alias(alias: &str) -> Option<(BusAddress, UsbId)> {
+    let rest = alias
+        .strip_prefix(MANUAL_ALIAS_PREFIX)
+        .or_else(|| alias.strip_prefix(ALIAS_PREFIX))?;
+    let mut parts = rest.split('-');
+    let bus = parts.next()?.parse().ok()?;
+    let device = parts.next()?.parse().ok()?;
+    let vendor = u16::from_str_radix(parts.next()?, 16).ok()?;
+    let product = u16::from_str_radix(parts.next()?, 16).ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((BusAddress { bus, device }, UsbId { vendor, product }))
+}
+
+/// The address and ID a hostdev points at: the live XML's `<address>` first (libvirt
+/// fills it in on attach), then the numbers in our own alias.
+fn hostdev_target(hostdev: &UsbHostdev) -> (Option<BusAddress>, Option<UsbId>) {
+    let from_alias = hostdev.alias.as_deref().and_then(parse_alias);
+    let address = hostdev.address.or(from_alias.map(|(address, _)| address));
+    let id = hostdev.id.or(from_alias.map(|(_, id)| id));
+    (address, id)
+}
+
+/// Which present devices a hostdev points at. With an address, at most one; a foreign
+/// hostdev named only by vendor/product holds every device with that ID, to be safe.
+fn resolve_hostdev<'a>(
+    hostdev: &UsbHostdev,
+    by_address: &HashMap<BusAddress, &'a UsbDevice>,
+    devices: &'a [UsbDevice],
+) -> Vec<&'a UsbDevice> {
+    match hostdev_target(hostdev) {
+        (Some(address), id) => by_address
+            .get(&address)
+            .filter(|device| id.is_none_or(|id| id == device.id()))
+            .map(|device| vec![*device])
+            .unwrap_or_default(),
+        (None, Some(id)) => devices.iter().filter(|d| d.id() == id).collect(),
+        (None, None) => Vec::new(),
+    }
+}
+
+/// Compare and decide. See the module doc.
+pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> Plan {
+    let by_address: HashMap<BusAddress, &UsbDevice> =
+        devices.iter().map(|d| (d.address(), d)).collect();
+    let running: HashSet<&str> = domains.iter().map(|d| d.name.as_str()).collect();
+
+    // What the rules want, per present device.
+    let wanted: HashMap<BusAddress, (&str, Option<&str>)> = devices
+        .iter()
+        .filter_map(|device| {
+            let rule = config.first_match(device)?;
+            let vm = rule
+                .vms
+                .iter()
+                .map(String::as_str)
+                .find(|vm| running.contains(vm));
+            Some((device.address(), (rule.name.as_str(), vm)))
+        })
+        .collect();
+
+    let mut holders: HashMap<BusAddress, Vec<Holder>> = HashMap::new();
+    let mut detaches = Vec::new();
+    // Owned hostdevs that already sit where the rules want them, per device.
+    let mut settled: HashSet<BusAddress> = HashSet::new();
+
+    for domain in domains {
+        for hostdev in &domain.hostdevs {
+            let ownership = hostdev.ownership();
+            let targets = resolve_hostdev(hostdev, &by_address, devices);
+            for device in &targets {
+                holders.entry(device.address()).or_default().push(Holder {
+                    domain: domain.name.clone(),
+                    alias: hostdev.alias.clone(),
+                    ownership,
+                });
+            }
+            if ownership == Ownership::Foreign {
+                continue;
+            }
+            let Some(alias) = hostdev.alias.clone() else {
+                continue;
+            };
+            let (address, id) = hostdev_target(hostdev);
+            let detach = |reason| Action::Detach {
+                domain: domain.name.clone(),
+                alias: alias.clone(),
+                id,
+                address,
+                reason,
+            };
+            let Some(device) = targets.first() else {
+                detaches.push(detach(DetachReason::DeviceGone));
+                continue;
+            };
+            if ownership == Ownership::Manual {
+                // Hand-placed: stays until its device goes away.
+                continue;
+            }
+            match wanted.get(&device.address()) {
+                None => detaches.push(detach(DetachReason::NoRule)),
+                Some((_, Some(vm))) if *vm == domain.name => {
+                    if !settled.insert(device.address()) {
+                        detaches.push(detach(DetachReason::Duplicate));
+                    }
+                }
+                Some((_, Some(vm))) => detaches.push(detach(DetachReason::Moving(vm.to_string()))),
+                // Unreachable in practice: this domain runs and the device is in it, so
+                // if the rule names it, some VM of the rule is running.
+                Some((_, None)) => detaches.push(detach(DetachReason::NoRule)),
+            }
+        }
+    }
+
+    let detached: HashSet<(&str, &str)> = detaches
+        .iter()
+        .map(|action| (action.domain(), action.alias()))
+        .collect();
+
+    let mut attaches = Vec::new();
+    let mut placements = Vec::with_capacity(devices.len());
+    for device in devices {
+        let address = device.address();
+        let device_holders = holders.remove(&address).unwrap_or_default();
+        let (rule, wanted_vm) = match wanted.get(&address) {
+            Some((rule, vm)) => (Some(rule.to_string()), vm.map(str::to_string)),
+            None => (None, None),
+        };
+        if let (Some(rule), Some(vm)) = (&rule, &wanted_vm) {
+            // Held by someone we must not disturb, or already where it belongs.
+            let blocked = device_holders
+                .iter()
+                .any(|holder| holder.ownership != Ownership::Rules);
+            let remaining_owned = device_holders.iter().any(|holder| {
+                holder.ownership == Ownership::Rules
+                    && holder.domain == *vm
+                    && !holder
+                        .alias
+                        .as_deref()
+                        .is_some_and(|alias| detached.contains(&(holder.domain.as_str(), alias)))
+            });
+            if !blocked && !remaining_owned {
+                attaches.push(Action::Attach {
+                    domain: vm.clone(),
+                    device: Box::new(device.clone()),
+                    alias: alias_for(device),
+                    rule: rule.clone(),
+                });
+            }
+        }
+        placements.push(Placement {
+            device: device.clone(),
+            rule,
+            wanted_vm,
+            holders: device_holders,
+        });
+    }
+
+    detaches.extend(attaches);
+    Plan {
+        actions: detaches,
+        placements,
+    }
+}
+
+/// The actions alone.
+pub fn reconcile(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> Vec<Action> {
+    plan(config, devices, domains).actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::fixtures::device;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, Path::new("rules.toml")).unwrap()
+    }
+
+    const RULES: &str = r#"
+[[rule]]
+name = "receiver"
+id = "046d:c52b"
+vm = ["win11", "fedora"]
+
+[[rule]]
+name = "front-port"
+port = "1-4"
+vm = "lab"
+
+[[rule]]
+name = "stick-a"
+id = "0403:6001"
+serial = "A"
+vm = "lab"
+
+[[rule]]
+name = "stick-b"
+id = "0403:6001"
+serial = "B"
+vm = "fedora"
+"#;
+
+    fn receiver(devnum: u16) -> UsbDevice {
+        device(1, devnum, 0x046d, 0xc52b, "1-2")
+    }
+
+    fn stick(devnum: u16, serial: &str, port: &str) -> UsbDevice {
+        let mut stick = device(1, devnum, 0x0403, 0x6001, port);
+        stick.serial = Some(serial.to_string());
+        stick
+    }
+
+    fn vm(name: &str, hostdevs: Vec<UsbHostdev>) -> DomainView {
+        DomainView {
+            name: name.to_string(),
+            hostdevs,
+        }
+    }
+
+    /// The hostdev libvirt shows after the daemon attached `device`.
+    fn owned(device: &UsbDevice) -> UsbHostdev {
+        UsbHostdev {
+            alias: Some(alias_for(device)),
+            id: Some(device.id()),
+            address: Some(device.address()),
+        }
+    }
+
+    fn foreign(device: &UsbDevice) -> UsbHostdev {
+        UsbHostdev {
+            alias: Some("hostdev0".into()),
+            id: Some(device.id()),
+            address: Some(device.address()),
+        }
+    }
+
+    /// Apply actions the way libvirt would, for the convergence check.
+    fn apply(domains: &mut [DomainView], actions: &[Action]) {
+        for action in actions {
+            let domain = domains
+                .iter_mut()
+                .find(|d| d.name == action.domain())
+                .expect("actions only name running domains");
+            match action {
+                Action::Detach { alias, .. } => {
+                    let before = domain.hostdevs.len();
+                    domain
+                        .hostdevs
+                        .retain(|h| h.alias.as_deref() != Some(alias.as_str()));
+                    assert_eq!(before, domain.hostdevs.len() + 1, "detach of {alias}");
+                }
+                Action::Attach { device, .. } => domain.hostdevs.push(owned(device)),
+            }
+        }
+    }
+
+    /// Short, readable form of an action list.
+    fn summary(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|action| match action {
+                Action::Detach {
+                    domain,
+                    alias,
+                    reason,
+                    ..
+                } => format!("detach {alias} from {domain} ({reason})"),
+                Action::Attach {
+                    domain,
+                    alias,
+                    rule,
+                    ..
+                } => format!("attach {alias} to {domain} by {rule}"),
+            })
+            .collect()
+    }
+
+    struct Case {
+        name: &'static str,
+        devices: Vec<UsbDevice>,
+        domains: Vec<DomainView>,
+        expected: &'static [&'static str],
+    }
+
+    fn cases() -> Vec<Case> {
+        let hub = {
+            let mut hub = device(1, 9, 0x05e3, 0x0610, "1-4");
+            hub.device_class = crate::device::HUB_CLASS;
+            hub
+        };
+        vec![
+            Case {
+                name: "plug while the vm runs",
+                devices: vec![receiver(5)],
+                domains: vec![vm("win11", vec![])],
+                expected: &["attach ua-usbpass-1-5-046d-c52b to win11 by receiver"],
+            },
+            Case {
+                name: "plug while no target vm runs",
+                devices: vec![receiver(5)],
+                domains: vec![vm("other", vec![])],
+                expected: &[],
+            },
+            Case {
+                name: "unplug leaves a stale hostdev",
+                devices: vec![],
+                domains: vec![vm("win11", vec![owned(&receiver(5))])],
+                expected: &["detach ua-usbpass-1-5-046d-c52b from win11 (device-gone)"],
+            },
+            Case {
+                name: "replug with a new device number",
+                devices: vec![receiver(6)],
+                domains: vec![vm("win11", vec![owned(&receiver(5))])],
+                expected: &[
+                    "detach ua-usbpass-1-5-046d-c52b from win11 (device-gone)",
+                    "attach ua-usbpass-1-6-046d-c52b to win11 by receiver",
+                ],
+            },
+            Case {
+                name: "stale hostdev without address is found by its alias",
+                devices: vec![receiver(6)],
+                domains: vec![vm(
+                    "win11",
+                    vec![UsbHostdev {
+                        address: None,
+                        id: None,
+                        ..owned(&receiver(5))
+                    }],
+                )],
+                expected: &[
+                    "detach ua-usbpass-1-5-046d-c52b from win11 (device-gone)",
+                    "attach ua-usbpass-1-6-046d-c52b to win11 by receiver",
+                ],
+            },
+            Case {
+                name: "another device now sits at the old address",
+                devices: vec![device(1, 5, 0x1234, 0x5678, "1-3")],
+                domains: vec![vm("win11", vec![owned(&receiver(5))])],
+                expected: &["detach ua-usbpass-1-5-046d-c52b from win11 (device-gone)"],
+            },
+            Case {
+                name: "first-choice vm stopped: fall back to the next running one",
+                devices: vec![receiver(5)],
+                domains: vec![vm("fedora", vec![])],
+                expected: &["attach ua-usbpass-1-5-046d-c52b to fedora by receiver"],
+            },
+            Case {
+                name: "first-choice vm started again: move back",
+                devices: vec![receiver(5)],
+                domains: vec![vm("win11", vec![]), vm("fedora", vec![owned(&receiver(5))])],
+                expected: &[
+                    "detach ua-usbpass-1-5-046d-c52b from fedora (moving-to-win11)",
+                    "attach ua-usbpass-1-5-046d-c52b to win11 by receiver",
+                ],
+            },
+            Case {
+                name: "daemon or libvirtd restart: state already right, no duplicates",
+                devices: vec![receiver(5), stick(7, "A", "1-3"), stick(8, "B", "1-5")],
+                domains: vec![
+                    vm("win11", vec![owned(&receiver(5))]),
+                    vm("lab", vec![owned(&stick(7, "A", "1-3"))]),
+                    vm("fedora", vec![owned(&stick(8, "B", "1-5"))]),
+                ],
+                expected: &[],
+            },
+            Case {
+                name: "identical devices told apart by serial",
+                devices: vec![stick(7, "A", "1-3"), stick(8, "B", "1-5")],
+                domains: vec![vm("lab", vec![]), vm("fedora", vec![])],
+                expected: &[
+                    "attach ua-usbpass-1-7-0403-6001 to lab by stick-a",
+                    "attach ua-usbpass-1-8-0403-6001 to fedora by stick-b",
+                ],
+            },
+            Case {
+                name: "port rule takes whatever is plugged there",
+                devices: vec![device(1, 11, 0xdead, 0xbeef, "1-4")],
+                domains: vec![vm("lab", vec![])],
+                expected: &["attach ua-usbpass-1-11-dead-beef to lab by front-port"],
+            },
+            Case {
+                name: "hubs are never passed through",
+                devices: vec![hub],
+                domains: vec![vm("lab", vec![])],
+                expected: &[],
+            },
+            Case {
+                name: "unmatched device stays on the host",
+                devices: vec![device(1, 12, 0x1111, 0x2222, "1-6")],
+                domains: vec![vm("lab", vec![])],
+                expected: &[],
+            },
+            Case {
+                name: "owned hostdev whose rule is gone is released",
+                devices: vec![device(1, 12, 0x1111, 0x2222, "1-6")],
+                domains: vec![vm(
+                    "lab",
+                    vec![owned(&device(1, 12, 0x1111, 0x2222, "1-6"))],
+                )],
+                expected: &["detach ua-usbpass-1-12-1111-2222 from lab (no-rule)"],
+            },
+            Case {
+                name: "a device held by a foreign hostdev is never taken",
+                devices: vec![receiver(5)],
+                domains: vec![
+                    vm("win11", vec![]),
+                    vm("fedora", vec![foreign(&receiver(5))]),
+                ],
+                expected: &[],
+            },
+            Case {
+                name: "a foreign hostdev by id alone holds every device with that id",
+                devices: vec![receiver(5)],
+                domains: vec![vm(
+                    "win11",
+                    vec![UsbHostdev {
+                        alias: None,
+                        id: Some(receiver(5).id()),
+                        address: None,
+                    }],
+                )],
+                expected: &[],
+            },
+            Case {
+                name: "stale foreign hostdevs are left alone",
+                devices: vec![],
+                domains: vec![vm("win11", vec![foreign(&receiver(5))])],
+                expected: &[],
+            },
+            Case {
+                name: "a hand-placed hostdev stays while its device is present",
+                devices: vec![receiver(5)],
+                domains: vec![
+                    vm("win11", vec![]),
+                    vm(
+                        "other",
+                        vec![UsbHostdev {
+                            alias: Some(manual_alias_for(&receiver(5))),
+                            ..owned(&receiver(5))
+                        }],
+                    ),
+                ],
+                expected: &[],
+            },
+            Case {
+                name: "a hand-placed hostdev goes when its device does",
+                devices: vec![],
+                domains: vec![vm(
+                    "other",
+                    vec![UsbHostdev {
+                        alias: Some(manual_alias_for(&receiver(5))),
+                        ..owned(&receiver(5))
+                    }],
+                )],
+                expected: &["detach ua-usbpass-manual-1-5-046d-c52b from other (device-gone)"],
+            },
+            Case {
+                name: "duplicate owned hostdevs: keep one",
+                devices: vec![receiver(5)],
+                domains: vec![vm(
+                    "win11",
+                    vec![
+                        owned(&receiver(5)),
+                        UsbHostdev {
+                            alias: Some("ua-usbpass-old-name".into()),
+                            ..owned(&receiver(5))
+                        },
+                    ],
+                )],
+                expected: &["detach ua-usbpass-old-name from win11 (duplicate)"],
+            },
+        ]
+    }
+
+    #[test]
+    fn heals_every_case_and_converges() {
+        let config = config(RULES);
+        let mut failures = Vec::new();
+        for case in cases() {
+            let actions = reconcile(&config, &case.devices, &case.domains);
+            let got = summary(&actions);
+            if got != case.expected {
+                failures.push(format!(
+                    "{}:\n  expected {:?}\n  got      {:?}",
+                    case.name, case.expected, got
+                ));
+                continue;
+            }
+            let mut domains = case.domains.clone();
+            apply(&mut domains, &actions);
+            let again = summary(&reconcile(&config, &case.devices, &domains));
+            if !again.is_empty() {
+                failures.push(format!("{}: second call not empty: {again:?}", case.name));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn vm_start_after_plug_heals_across_steps() {
+        let config = config(RULES);
+        let devices = vec![receiver(5)];
+        // Plugged while nothing runs: nothing to do.
+        assert!(reconcile(&config, &devices, &[]).is_empty());
+        // fedora starts: it is the only running target.
+        let mut domains = vec![vm("fedora", vec![])];
+        let actions = reconcile(&config, &devices, &domains);
+        apply(&mut domains, &actions);
+        assert_eq!(domains[0].hostdevs, vec![owned(&receiver(5))]);
+        // win11 starts: the device moves to the first choice.
+        domains.push(vm("win11", vec![]));
+        let actions = reconcile(&config, &devices, &domains);
+        apply(&mut domains, &actions);
+        assert!(domains[0].hostdevs.is_empty());
+        assert_eq!(domains[1].hostdevs, vec![owned(&receiver(5))]);
+        // win11 stops: its hostdevs vanish with it; back to fedora.
+        domains.pop();
+        let actions = reconcile(&config, &devices, &domains);
+        apply(&mut domains, &actions);
+        assert_eq!(domains[0].hostdevs, vec![owned(&receiver(5))]);
+        assert!(reconcile(&config, &devices, &domains).is_empty());
+    }
+
+    #[test]
+    fn placements_report_rule_target_and_holders() {
+        let config = config(RULES);
+        let devices = vec![receiver(5), device(1, 12, 0x1111, 0x2222, "1-6")];
+        let domains = vec![vm("fedora", vec![owned(&receiver(5))])];
+        let plan = plan(&config, &devices, &domains);
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.placements[0].rule.as_deref(), Some("receiver"));
+        assert_eq!(plan.placements[0].wanted_vm.as_deref(), Some("fedora"));
+        assert_eq!(plan.placements[0].holders[0].domain, "fedora");
+        assert_eq!(plan.placements[1].rule, None);
+        assert!(plan.placements[1].holders.is_empty());
+    }
+
+    #[test]
+    fn aliases_round_trip_and_reject_foreign_shapes() {
+        let device = device(3, 127, 0x046d, 0xc52b, "3-1");
+        let expected = (device.address(), device.id());
+        assert_eq!(parse_alias(&alias_for(&device)), Some(expected));
+        assert_eq!(parse_alias(&manual_alias_for(&device)), Some(expected));
+        for alias in [
+            "hostdev0",
+            "ua-usbpass-",
+            "ua-usbpass-1-2-3",
+            "ua-usbpass-1-2-zz-1",
+            "ua-usbpass-1-2-3-4-5",
+        ] {
+            assert_eq!(parse_alias(alias), None, "{alias}");
+        }
+        // libvirt user aliases allow only these characters.
+        assert!(alias_for(&device)
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    }
+}

@@ -1,0 +1,116 @@
+//! The daemon's state file under `/run/usbpass/`: what it holds where and its last
+//! errors, written atomically after each reconcile and read by `usbpass status`.
+
+use crate::atomic_file::{self, AtomicWriteError};
+use crate::hypervisor::FailureKind;
+use crate::reconcile::Placement;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_PATH: &str = "/run/usbpass/state.json";
+/// Bumped when a field changes meaning, so an old CLI can say so instead of misreading.
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
+    #[error("cannot read state file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is not valid: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state file {path} has format {found}, this usbpass reads format {STATE_FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+}
+
+/// A failed action the daemon is waiting to retry, or has given up on until the next
+/// event for that device or VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionFailure {
+    pub action: String,
+    pub domain: String,
+    pub alias: String,
+    pub device: String,
+    pub kind: FailureKind,
+    pub message: String,
+    pub attempts: u32,
+    /// Unix time of the last attempt, in seconds.
+    pub last_attempt: u64,
+    /// Milliseconds until the next attempt, or `None` once the daemon waits for an event.
+    pub retry_in_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtStatus {
+    pub uri: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub format: u32,
+    pub pid: u32,
+    pub version: String,
+    /// Unix times in seconds.
+    pub started_at: u64,
+    pub updated_at: u64,
+    pub config_path: PathBuf,
+    /// Set while a broken rules file is refused and the previous rules stay in force.
+    pub config_error: Option<String>,
+    pub rule_count: usize,
+    pub libvirt: LibvirtStatus,
+    pub running_vms: Vec<String>,
+    pub devices: Vec<Placement>,
+    pub failures: Vec<ActionFailure>,
+}
+
+impl DaemonState {
+    pub fn write(&self, path: &Path) -> Result<(), StateError> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        bytes.push(b'\n');
+        atomic_file::write(path, &bytes, 0o644, atomic_file::Durability::Volatile)?;
+        Ok(())
+    }
+
+    pub fn read(path: &Path) -> Result<DaemonState, StateError> {
+        let bytes = std::fs::read(path).map_err(|source| StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        #[derive(Deserialize)]
+        struct FormatOnly {
+            format: u32,
+        }
+        let format = serde_json::from_slice::<FormatOnly>(&bytes)
+            .map_err(|source| StateError::Decode {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .format;
+        if format != STATE_FORMAT {
+            return Err(StateError::Format {
+                path: path.to_path_buf(),
+                found: format,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
