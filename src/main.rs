@@ -282,7 +282,13 @@ fn where_is(placement: &Placement, known: bool) -> String {
 fn printable(text: &str) -> String {
     if text.chars().any(char::is_control) {
         text.chars()
-            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
             .collect()
     } else {
         text.to_string()
