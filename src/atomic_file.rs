@@ -28,9 +28,24 @@ pub enum AtomicWriteError {
     },
 }
 
+/// Whether the new contents must reach the disk before the rename.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync first: the user's rules file survives a crash as old or new, never empty.
+    Synced,
+    /// No fsync: for the state file on tmpfs, rewritten after every reconcile and
+    /// worthless after a reboot anyway.
+    Volatile,
+}
+
 /// Replace `path` with `contents`. An existing file keeps its permission bits; a new
 /// one gets `new_mode`. Readers see the old or the new contents, never a mix.
-pub fn write(path: &Path, contents: &[u8], new_mode: u32) -> Result<(), AtomicWriteError> {
+pub fn write(
+    path: &Path,
+    contents: &[u8],
+    new_mode: u32,
+    durability: Durability,
+) -> Result<(), AtomicWriteError> {
     let directory = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -55,7 +70,9 @@ pub fn write(path: &Path, contents: &[u8], new_mode: u32) -> Result<(), AtomicWr
         .as_file()
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(write_error)?;
-    temporary.as_file().sync_all().map_err(write_error)?;
+    if durability == Durability::Synced {
+        temporary.as_file().sync_all().map_err(write_error)?;
+    }
     temporary
         .persist(path)
         .map_err(|error| AtomicWriteError::Replace {
@@ -73,14 +90,14 @@ mod tests {
     fn replaces_and_keeps_permissions() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("sub/file.toml");
-        write(&path, b"one", 0o640).unwrap();
+        write(&path, b"one", 0o640, Durability::Synced).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"one");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o640
         );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        write(&path, b"two", 0o644).unwrap();
+        write(&path, b"two", 0o644, Durability::Synced).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(
             fs::metadata(&path).unwrap().permissions().mode() & 0o777,
@@ -101,7 +118,7 @@ mod tests {
         let path = directory.path().join("taken");
         fs::create_dir(&path).unwrap();
         fs::write(path.join("inside"), b"x").unwrap();
-        let error = write(&path, b"new", 0o644).unwrap_err();
+        let error = write(&path, b"new", 0o644, Durability::Synced).unwrap_err();
         assert!(error.to_string().starts_with("cannot replace"), "{error}");
         assert_eq!(fs::read(path.join("inside")).unwrap(), b"x");
         assert_eq!(fs::read_dir(directory.path()).unwrap().count(), 1);

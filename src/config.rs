@@ -194,7 +194,7 @@ impl Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: first_line(error.message()),
+                message: friendlier(first_line(error.message())),
             }
         })?;
         let invalid = |span: Range<usize>, message: String| {
@@ -446,6 +446,15 @@ pub fn is_port_path(text: &str) -> bool {
     };
     let number = |s: &str| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit());
     number(bus) && ports.split('.').all(number)
+}
+
+/// serde's wording for the one structural mistake people make most.
+fn friendlier(message: String) -> String {
+    if message == "invalid type: map, expected a sequence" {
+        "rules are written [[rule]] (one table per rule), not [rule]".to_string()
+    } else {
+        message
+    }
 }
 
 fn first_line(message: &str) -> String {

@@ -57,6 +57,8 @@ impl UsbDevice {
             .as_deref()
             .or(self.model_from_database.as_deref());
         match (vendor, model) {
+            // "Dell" + "Dell KB216 Wired Keyboard" must not read "Dell Dell KB216 ...".
+            (Some(v), Some(m)) if m.starts_with(v) => m.to_string(),
             (Some(v), Some(m)) => format!("{v} {m}"),
             (None, Some(m)) => m.to_string(),
             (Some(v), None) => v.to_string(),

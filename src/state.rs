@@ -77,7 +77,7 @@ impl DaemonState {
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("state serializes");
         bytes.push(b'\n');
-        atomic_file::write(path, &bytes, 0o644)?;
+        atomic_file::write(path, &bytes, 0o644, atomic_file::Durability::Volatile)?;
         Ok(())
     }
 

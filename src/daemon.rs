@@ -1,0 +1,935 @@
+//! The daemon's loop: one channel of `Event`s in, reconcile, apply the actions through
+//! the `Hypervisor`, retry failures with bounded backoff, write the state file. It
+//! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
+//! reconnect or the watchdog is due.
+
+use crate::config::{Config, ConfigError};
+use crate::device::{BusAddress, UsbDevice};
+use crate::event::Event;
+use crate::hostdev_xml;
+use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
+use crate::notify;
+use crate::reconcile::{self, parse_alias, Action, Plan};
+use crate::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+/// Opens hypervisor connections; the daemon calls it again after a disconnect.
+pub trait Connector {
+    type Hypervisor: Hypervisor;
+    /// Connect and start delivering domain events into `events`.
+    fn connect(
+        &mut self,
+        uri: &str,
+        events: Sender<Event>,
+    ) -> Result<Self::Hypervisor, HypervisorError>;
+}
+
+/// Lists the USB devices present now. Events keep the list current between calls.
+pub trait DeviceSource {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot enumerate usb devices: {message}")]
+    EnumerateDevices { message: String },
+    #[error("the {source_name} watcher stopped: {message}")]
+    WatchSource {
+        source_name: &'static str,
+        message: String,
+    },
+    #[error("the event channel closed: every event source is gone")]
+    EventsClosed,
+}
+
+/// After this many rounds of act-then-verify in one wake-up, the loop waits for the
+/// next event or retry: a guard against two actions undoing each other forever.
+const MAX_ROUNDS_PER_WAKE: usize = 3;
+/// Reconnect backoff: 0.5 s doubling to 30 s.
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// How long to wait before the next attempt of a failed action, or `None` to wait for
+/// an event about that device or VM. The add/bind race (libvirt cannot find a device
+/// that udev just announced) is retried quickly a few times; conditions that only a
+/// change elsewhere can fix (a full controller, a device in use) are retried slowly
+/// and then left until something happens.
+pub fn retry_delay(kind: FailureKind, attempts: u32) -> Option<Duration> {
+    const NOT_FOUND: [u64; 5] = [100, 250, 500, 1000, 2000];
+    const SLOW: [u64; 2] = [5_000, 30_000];
+    let schedule: &[u64] = match kind {
+        FailureKind::DeviceNotFound => &NOT_FOUND,
+        FailureKind::DeviceInUse | FailureKind::NoFreePort | FailureKind::Other => &SLOW,
+        // A lifecycle event follows a vanished domain; a broken connection is healed
+        // by reconnecting, after which everything is due again.
+        FailureKind::DomainGone | FailureKind::ConnectionLost => &[],
+    };
+    let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
+    schedule.get(index).map(|ms| Duration::from_millis(*ms))
+}
+
+/// Reconnect delay after `attempts` consecutive failures: 0.5 s doubling to 30 s.
+fn backoff(attempts: u32) -> Duration {
+    RECONNECT_FIRST
+        .saturating_mul(1 << attempts.clamp(1, 7).saturating_sub(1))
+        .min(RECONNECT_MAX)
+}
+
+struct Failure {
+    record: ActionFailure,
+    next_attempt: Option<Instant>,
+}
+
+pub struct DaemonOptions {
+    pub config_path: PathBuf,
+    pub state_path: PathBuf,
+    /// Ping interval when systemd's watchdog is on.
+    pub watchdog: Option<Duration>,
+}
+
+pub struct Daemon<C: Connector, S: DeviceSource> {
+    connector: C,
+    device_source: S,
+    options: DaemonOptions,
+    events_sender: Sender<Event>,
+    events: Receiver<Event>,
+    config: Config,
+    config_error: Option<String>,
+    devices: BTreeMap<String, UsbDevice>,
+    hypervisor: Option<C::Hypervisor>,
+    libvirt_error: Option<String>,
+    reconnect_attempts: u32,
+    /// Consecutive failed listings, for their own backoff.
+    list_failures: u32,
+    next_reconnect: Option<Instant>,
+    failures: HashMap<(String, String), Failure>,
+    /// When the loop received the event it is acting on: decision times count from here.
+    woke_at: Instant,
+    next_watchdog: Option<Instant>,
+    started_at: u64,
+    last_plan: Plan,
+    running_vms: Vec<String>,
+    state_write_failed: bool,
+}
+
+impl<C: Connector, S: DeviceSource> Daemon<C, S> {
+    /// `events_sender` and `events` are the two ends of the loop's one channel; the
+    /// caller hands clones of the sender to every event source before calling `run`.
+    pub fn new(
+        connector: C,
+        device_source: S,
+        config: Config,
+        options: DaemonOptions,
+        events_sender: Sender<Event>,
+        events: Receiver<Event>,
+    ) -> Self {
+        Daemon {
+            connector,
+            device_source,
+            options,
+            events_sender,
+            events,
+            config,
+            config_error: None,
+            devices: BTreeMap::new(),
+            hypervisor: None,
+            libvirt_error: None,
+            reconnect_attempts: 0,
+            list_failures: 0,
+            next_reconnect: Some(Instant::now()),
+            failures: HashMap::new(),
+            woke_at: Instant::now(),
+            next_watchdog: None,
+            started_at: unix_now(),
+            last_plan: Plan::default(),
+            running_vms: Vec::new(),
+            state_write_failed: false,
+        }
+    }
+
+    /// Runs until `Event::Terminate`. Errors only when it can no longer see devices.
+    pub fn run(&mut self) -> Result<(), DaemonError> {
+        self.rescan_devices()?;
+        self.converge();
+        notify::ready(&self.status_line());
+        self.schedule_watchdog();
+        loop {
+            let event = match self.next_deadline() {
+                None => self.events.recv().map_err(|_| DaemonError::EventsClosed)?,
+                Some(deadline) => {
+                    let timeout = deadline.saturating_duration_since(Instant::now());
+                    match self.events.recv_timeout(timeout) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.on_timeout();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(DaemonError::EventsClosed)
+                        }
+                    }
+                }
+            };
+            self.woke_at = Instant::now();
+            let mut stop = self.handle(event)?;
+            // Coalesce a burst (a hub full of devices, an editor's several writes)
+            // into one reconcile.
+            while !stop {
+                match self.events.try_recv() {
+                    Ok(event) => stop = self.handle(event)?,
+                    Err(_) => break,
+                }
+            }
+            if stop {
+                notify::stopping();
+                log::info!("stopping on request");
+                return Ok(());
+            }
+            self.converge();
+            self.ping_watchdog_if_due();
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        self.woke_at = Instant::now();
+        self.ping_watchdog_if_due();
+        if self.next_deadline().is_some_and(|at| at <= Instant::now()) {
+            self.converge();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        // While disconnected only the reconnect matters: retries wait for a connection.
+        let work = if self.hypervisor.is_none() {
+            self.next_reconnect
+        } else {
+            self.failures.values().filter_map(|f| f.next_attempt).min()
+        };
+        work.into_iter().chain(self.next_watchdog).min()
+    }
+
+    fn schedule_watchdog(&mut self) {
+        self.next_watchdog = self
+            .options
+            .watchdog
+            .map(|interval| Instant::now() + interval);
+    }
+
+    fn ping_watchdog_if_due(&mut self) {
+        if self.next_watchdog.is_some_and(|at| at <= Instant::now()) {
+            notify::watchdog();
+            self.schedule_watchdog();
+        }
+    }
+
+    /// Updates the loop's view; returns true to stop.
+    fn handle(&mut self, event: Event) -> Result<bool, DaemonError> {
+        log::debug!("event {event:?}");
+        match event {
+            Event::DeviceAdded(device) => {
+                let address = device.address();
+                self.forget_failures_of_device(address);
+                if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
+                    if old.address() != address {
+                        self.forget_failures_of_device(old.address());
+                    }
+                }
+            }
+            Event::DeviceRemoved { syspath } => {
+                if let Some(device) = self.devices.remove(&syspath) {
+                    self.forget_failures_of_device(device.address());
+                }
+            }
+            Event::Domain { domain, .. } | Event::DomainDeviceRemoved { domain, .. } => {
+                self.failures
+                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+            }
+            Event::HypervisorDisconnected { reason } => {
+                log::warn!("libvirt connection lost: {reason}");
+                self.drop_connection(reason);
+            }
+            Event::ConfigChanged => self.reload_config(false),
+            Event::Reload => {
+                notify::reloading();
+                self.reload_config(true);
+                self.rescan_devices()?;
+                self.failures.clear();
+                notify::ready(&self.status_line());
+            }
+            Event::Terminate => return Ok(true),
+            Event::SourceFailed { source, message } => {
+                return Err(DaemonError::WatchSource {
+                    source_name: source,
+                    message,
+                })
+            }
+        }
+        Ok(false)
+    }
+
+    fn forget_failures_of_device(&mut self, address: BusAddress) {
+        self.failures
+            .retain(|(_, alias), _| parse_alias(alias).is_none_or(|(failed, _)| failed != address));
+    }
+
+    fn rescan_devices(&mut self) -> Result<(), DaemonError> {
+        let devices = self.device_source.enumerate()?;
+        self.devices = devices
+            .into_iter()
+            .map(|device| (device.syspath.clone(), device))
+            .collect();
+        Ok(())
+    }
+
+    fn reload_config(&mut self, forced: bool) {
+        match Config::load(&self.options.config_path) {
+            Ok(config) => {
+                if forced || config != self.config {
+                    log::info!(
+                        "rules reloaded from {}: {} rules",
+                        config.path.display(),
+                        config.rules.len()
+                    );
+                }
+                if config.uri != self.config.uri {
+                    log::info!("libvirt uri changed to {}: reconnecting", config.uri);
+                    self.drop_connection("uri changed".to_string());
+                    self.next_reconnect = Some(Instant::now());
+                    self.reconnect_attempts = 0;
+                }
+                self.config = config;
+                self.config_error = None;
+                self.failures.clear();
+            }
+            // A file mid-save can be briefly absent; the final write brings another event.
+            Err(ConfigError::ReadFile { source, .. })
+                if !forced && source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                let message = error.to_string();
+                if self.config_error.as_deref() != Some(message.as_str()) {
+                    log::error!("{message}; keeping the previous rules");
+                }
+                self.config_error = Some(message);
+            }
+        }
+    }
+
+    fn drop_connection(&mut self, reason: String) {
+        self.hypervisor = None;
+        self.libvirt_error = Some(reason);
+        self.running_vms.clear();
+        if self.next_reconnect.is_none() {
+            self.next_reconnect = Some(Instant::now());
+        }
+    }
+
+    fn ensure_connected(&mut self) -> bool {
+        if self.hypervisor.is_some() {
+            return true;
+        }
+        if self.next_reconnect.is_some_and(|at| at > Instant::now()) {
+            return false;
+        }
+        match self
+            .connector
+            .connect(&self.config.uri, self.events_sender.clone())
+        {
+            Ok(hypervisor) => {
+                log::info!("connected to libvirt at {}", self.config.uri);
+                self.hypervisor = Some(hypervisor);
+                self.libvirt_error = None;
+                self.reconnect_attempts = 0;
+                self.next_reconnect = None;
+                // Anything that failed against the old connection is due again.
+                self.failures.clear();
+                true
+            }
+            Err(error) => {
+                self.reconnect_attempts += 1;
+                let delay = backoff(self.reconnect_attempts);
+                if self.reconnect_attempts == 1
+                    || self.libvirt_error.as_deref() != Some(&*error.to_string())
+                {
+                    log::warn!("{error}; retrying in {} ms", delay.as_millis());
+                }
+                self.libvirt_error = Some(error.to_string());
+                self.next_reconnect = Some(Instant::now() + delay);
+                false
+            }
+        }
+    }
+
+    /// Reconcile until nothing is due, at most `MAX_ROUNDS_PER_WAKE` times, then write
+    /// the state file.
+    fn converge(&mut self) {
+        for _ in 0..MAX_ROUNDS_PER_WAKE {
+            if !self.ensure_connected() {
+                break;
+            }
+            let Some(domains) = self.list_domains() else {
+                break;
+            };
+            let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
+            let plan = reconcile::plan(&self.config, &devices, &domains);
+            self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
+            // A failure whose action the rules no longer want is forgotten.
+            self.failures.retain(|key, _| {
+                plan.actions
+                    .iter()
+                    .any(|a| a.domain() == key.0 && a.alias() == key.1)
+            });
+            let now = Instant::now();
+            let due: Vec<Action> = plan
+                .actions
+                .iter()
+                .filter(|action| {
+                    self.failures
+                        .get(&(action.domain().to_string(), action.alias().to_string()))
+                        .is_none_or(|f| f.next_attempt.is_some_and(|at| at <= now))
+                })
+                .cloned()
+                .collect();
+            self.last_plan = plan;
+            if due.is_empty() {
+                break;
+            }
+            for action in due {
+                if !self.execute(action) {
+                    break;
+                }
+            }
+        }
+        self.write_state();
+    }
+
+    fn list_domains(&mut self) -> Option<Vec<DomainView>> {
+        let hypervisor = self.hypervisor.as_mut()?;
+        match hypervisor.running_domains() {
+            Ok(domains) => {
+                self.list_failures = 0;
+                Some(domains)
+            }
+            Err(error) => {
+                // Without the domain list nothing can be decided. Start over with a
+                // fresh connection, backing off so that a persistent error (a
+                // permission problem, say) does not spin.
+                self.list_failures += 1;
+                let delay = backoff(self.list_failures);
+                log::warn!("{error}; reconnecting in {} ms", delay.as_millis());
+                self.drop_connection(error.to_string());
+                self.next_reconnect = Some(Instant::now() + delay);
+                None
+            }
+        }
+    }
+
+    /// Applies one action and logs the decision. Returns false when the connection
+    /// broke and the round must end.
+    fn execute(&mut self, action: Action) -> bool {
+        let Some(hypervisor) = self.hypervisor.as_mut() else {
+            return false;
+        };
+        let started = Instant::now();
+        let (result, line) = match &action {
+            Action::Attach {
+                domain,
+                device,
+                alias,
+                rule,
+            } => {
+                let decision_us = started.saturating_duration_since(self.woke_at).as_micros();
+                let result =
+                    match hostdev_xml::build_usb_hostdev(device.id(), device.address(), alias) {
+                        Ok(xml) => hypervisor.attach(domain, &device.to_string(), &xml),
+                        Err(error) => Err(HypervisorError::Attach {
+                            domain: domain.clone(),
+                            device: device.to_string(),
+                            kind: FailureKind::Other,
+                            message: error.to_string(),
+                        }),
+                    };
+                let line = format!(
+                    "attach device={} addr={} port={} rule={rule} vm={domain} alias={alias}",
+                    device.id(),
+                    device.address(),
+                    device.port_path
+                );
+                (result, format!("{line} decision_us={decision_us}"))
+            }
+            Action::Detach {
+                domain,
+                alias,
+                id,
+                address,
+                reason,
+            } => {
+                let result = hypervisor.detach(domain, alias);
+                let id = id.map_or("unknown".to_string(), |id| id.to_string());
+                let address = address.map_or("unknown".to_string(), |a| a.to_string());
+                let line = format!(
+                    "detach device={id} addr={address} vm={domain} alias={alias} reason={reason}"
+                );
+                (result, line)
+            }
+        };
+        let call_ms = started.elapsed().as_millis();
+        let key = (action.domain().to_string(), action.alias().to_string());
+        match result {
+            Ok(()) => {
+                log::info!("{line} result=ok call_ms={call_ms}");
+                self.failures.remove(&key);
+                true
+            }
+            Err(error) => {
+                let kind = error.kind();
+                let attempts = self.failures.get(&key).map_or(0, |f| f.record.attempts) + 1;
+                let delay = retry_delay(kind, attempts);
+                let retry = delay.map_or("on-next-event".to_string(), |d| {
+                    format!("{}ms", d.as_millis())
+                });
+                log::warn!(
+                    "{line} result=error kind={} attempts={attempts} retry={retry} call_ms={call_ms} error=\"{error}\"",
+                    kind_name(kind)
+                );
+                let device = match &action {
+                    Action::Attach { device, .. } => device.to_string(),
+                    Action::Detach { id, address, .. } => format!(
+                        "{} at {}",
+                        id.map_or("unknown".into(), |id| id.to_string()),
+                        address.map_or("unknown".into(), |a| a.to_string())
+                    ),
+                };
+                self.failures.insert(
+                    key.clone(),
+                    Failure {
+                        record: ActionFailure {
+                            action: match action {
+                                Action::Attach { .. } => "attach".into(),
+                                Action::Detach { .. } => "detach".into(),
+                            },
+                            domain: key.0,
+                            alias: key.1,
+                            device,
+                            kind,
+                            message: error.to_string(),
+                            attempts,
+                            last_attempt: unix_now(),
+                            retry_in_ms: delay.map(|d| d.as_millis() as u64),
+                        },
+                        next_attempt: delay.map(|d| Instant::now() + d),
+                    },
+                );
+                if kind == FailureKind::ConnectionLost {
+                    self.drop_connection(error.to_string());
+                    return false;
+                }
+                true
+            }
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let held = self
+            .last_plan
+            .placements
+            .iter()
+            .filter(|p| !p.holders.is_empty())
+            .count();
+        format!(
+            "{} rules, {} devices, {} passed through, libvirt {}",
+            self.config.rules.len(),
+            self.devices.len(),
+            held,
+            if self.hypervisor.is_some() {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        )
+    }
+
+    /// The state the CLI reads. Public for tests.
+    pub fn state(&self) -> DaemonState {
+        let mut failures: Vec<ActionFailure> =
+            self.failures.values().map(|f| f.record.clone()).collect();
+        failures.sort_by(|a, b| (&a.domain, &a.alias).cmp(&(&b.domain, &b.alias)));
+        DaemonState {
+            format: STATE_FORMAT,
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            updated_at: unix_now(),
+            config_path: self.options.config_path.clone(),
+            config_error: self.config_error.clone(),
+            rule_count: self.config.rules.len(),
+            libvirt: LibvirtStatus {
+                uri: self.config.uri.clone(),
+                connected: self.hypervisor.is_some(),
+                last_error: self.libvirt_error.clone(),
+            },
+            running_vms: self.running_vms.clone(),
+            devices: self.last_plan.placements.clone(),
+            failures,
+        }
+    }
+
+    fn write_state(&mut self) {
+        match self.state().write(&self.options.state_path) {
+            Ok(()) => self.state_write_failed = false,
+            Err(error) => {
+                if !self.state_write_failed {
+                    log::warn!("{error}");
+                }
+                self.state_write_failed = true;
+            }
+        }
+    }
+}
+
+fn kind_name(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::DeviceNotFound => "device-not-found",
+        FailureKind::DeviceInUse => "device-in-use",
+        FailureKind::NoFreePort => "no-free-port",
+        FailureKind::DomainGone => "vm-gone",
+        FailureKind::ConnectionLost => "connection-lost",
+        FailureKind::Other => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::fixtures::device;
+    use crate::event::DomainChange;
+    use crate::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::thread::JoinHandle;
+
+    const RULES: &str = r#"
+[[rule]]
+name = "receiver"
+id = "046d:c52b"
+vm = ["win11", "fedora"]
+"#;
+
+    struct Harness {
+        world: SharedWorld,
+        sender: Sender<Event>,
+        thread: Option<JoinHandle<Result<(), DaemonError>>>,
+        directory: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn start(rules: &str, world: FakeWorld, present: Vec<UsbDevice>) -> Harness {
+            let directory = tempfile::tempdir().unwrap();
+            let config_path = directory.path().join("usbpass.toml");
+            std::fs::write(&config_path, rules).unwrap();
+            let config = Config::load(&config_path).unwrap();
+            let world = SharedWorld::new(world);
+            let (sender, receiver) = mpsc::channel();
+            let options = DaemonOptions {
+                config_path,
+                state_path: directory.path().join("state.json"),
+                watchdog: None,
+            };
+            let mut daemon = Daemon::new(
+                FakeConnector {
+                    world: world.clone(),
+                },
+                FixedDevices(Arc::new(Mutex::new(present))),
+                config,
+                options,
+                sender.clone(),
+                receiver,
+            );
+            let thread = Some(std::thread::spawn(move || daemon.run()));
+            let harness = Harness {
+                world,
+                sender,
+                thread,
+                directory,
+            };
+            harness.wait_until("the first state file", |_| {
+                harness.directory.path().join("state.json").exists()
+            });
+            harness
+        }
+
+        fn send(&self, event: Event) {
+            self.sender.send(event).unwrap();
+        }
+
+        /// Send an event and wait until the loop has listed domains because of it.
+        fn send_and_settle(&self, event: Event) {
+            let lists = self.count(|call| *call == Call::ListDomains);
+            self.send(event);
+            self.wait_until("a reconcile", |world| {
+                world
+                    .calls
+                    .iter()
+                    .filter(|c| **c == Call::ListDomains)
+                    .count()
+                    > lists
+            });
+            // The round may list again after acting; let it finish.
+            self.send(Event::Domain {
+                domain: "nobody".into(),
+                change: DomainChange::Other,
+            });
+            let lists = self.count(|call| *call == Call::ListDomains);
+            self.wait_until("a quiet reconcile", |world| {
+                world
+                    .calls
+                    .iter()
+                    .filter(|c| **c == Call::ListDomains)
+                    .count()
+                    > lists
+            });
+        }
+
+        fn count(&self, predicate: impl Fn(&Call) -> bool) -> usize {
+            self.world
+                .lock()
+                .calls
+                .iter()
+                .filter(|c| predicate(c))
+                .count()
+        }
+
+        fn wait_until(&self, what: &str, condition: impl Fn(&FakeWorld) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !condition(&self.world.lock()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for {what}: {:#?}",
+                    self.world.lock().calls
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn state(&self) -> DaemonState {
+            DaemonState::read(&self.directory.path().join("state.json")).unwrap()
+        }
+
+        fn stop(mut self) -> Result<(), DaemonError> {
+            self.send(Event::Terminate);
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    fn receiver(devnum: u16) -> UsbDevice {
+        device(1, devnum, 0x046d, 0xc52b, "1-2")
+    }
+
+    #[test]
+    fn plug_attaches_once_and_unplug_detaches() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+        harness.send_and_settle(Event::DeviceAdded(receiver(5)));
+        assert_eq!(
+            harness.world.lock().aliases_in("win11"),
+            ["ua-usbpass-1-5-046d-c52b"]
+        );
+        // More hints change nothing: the world already matches the rules.
+        harness.send_and_settle(Event::DeviceAdded(receiver(5)));
+        assert_eq!(harness.world.lock().attaches().len(), 1);
+        let state = harness.state();
+        assert_eq!(state.devices[0].holders[0].domain, "win11");
+        assert!(state.libvirt.connected);
+
+        harness.send_and_settle(Event::DeviceRemoved {
+            syspath: receiver(5).syspath,
+        });
+        assert!(harness.world.lock().aliases_in("win11").is_empty());
+        assert_eq!(harness.world.lock().detaches().len(), 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn replug_replaces_the_stale_hostdev() {
+        let harness = Harness::start(
+            RULES,
+            FakeWorld::with_domains(&["win11"]),
+            vec![receiver(5)],
+        );
+        harness.wait_until("the first attach", |w| w.attaches().len() == 1);
+        // The kernel reuses the sysfs path (same port) with a new device number, and
+        // the remove event was missed.
+        harness.send_and_settle(Event::DeviceAdded(receiver(6)));
+        assert_eq!(
+            harness.world.lock().aliases_in("win11"),
+            ["ua-usbpass-1-6-046d-c52b"]
+        );
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_stopped_vm_makes_the_device_fall_back_and_return() {
+        let harness = Harness::start(
+            RULES,
+            FakeWorld::with_domains(&["win11", "fedora"]),
+            vec![receiver(5)],
+        );
+        harness.wait_until("the first attach", |w| w.aliases_in("win11").len() == 1);
+        harness.world.lock().stop_domain("win11");
+        harness.send_and_settle(Event::Domain {
+            domain: "win11".into(),
+            change: DomainChange::Stopped,
+        });
+        assert_eq!(harness.world.lock().aliases_in("fedora").len(), 1);
+        harness.world.lock().start_domain("win11");
+        harness.send_and_settle(Event::Domain {
+            domain: "win11".into(),
+            change: DomainChange::Started,
+        });
+        let world = harness.world.lock();
+        assert_eq!(world.aliases_in("win11").len(), 1);
+        assert!(world.aliases_in("fedora").is_empty());
+        drop(world);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn the_add_race_is_retried_quickly_and_then_succeeds() {
+        let mut world = FakeWorld::with_domains(&["win11"]);
+        world.failing_attaches = [FailureKind::DeviceNotFound; 2].into();
+        let harness = Harness::start(RULES, world, vec![receiver(5)]);
+        harness.wait_until("the attach to succeed", |w| {
+            w.aliases_in("win11").len() == 1
+        });
+        assert_eq!(harness.world.lock().attaches().len(), 3);
+        assert!(harness.state().failures.is_empty());
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_full_controller_is_reported_and_not_retried_in_a_tight_loop() {
+        let mut world = FakeWorld::with_domains(&["win11"]);
+        world.ports_per_domain = Some(0);
+        let harness = Harness::start(RULES, world, vec![receiver(5)]);
+        harness.wait_until("the attach attempt", |w| w.attaches().len() == 1);
+        // Several unrelated hints within the retry delay: no new attempt.
+        for _ in 0..3 {
+            harness.send_and_settle(Event::Domain {
+                domain: "other".into(),
+                change: DomainChange::Other,
+            });
+        }
+        assert_eq!(harness.world.lock().attaches().len(), 1);
+        let failure = &harness.state().failures[0];
+        assert_eq!(failure.kind, FailureKind::NoFreePort);
+        assert_eq!(failure.domain, "win11");
+        assert_eq!(failure.retry_in_ms, Some(5_000));
+        assert!(failure.message.contains("win11"), "{}", failure.message);
+        assert!(failure.message.contains("046d:c52b"), "{}", failure.message);
+        // An event about that vm (a port freed) makes it due again.
+        harness.world.lock().ports_per_domain = None;
+        harness.send_and_settle(Event::DomainDeviceRemoved {
+            domain: "win11".into(),
+            alias: "ua-other".into(),
+        });
+        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
+        assert!(harness.state().failures.is_empty());
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_lost_connection_is_reopened_and_state_healed() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+        harness.world.lock().refuse_connections = true;
+        harness.send(Event::HypervisorDisconnected {
+            reason: "end of file from libvirtd".into(),
+        });
+        harness.wait_until("a refused reconnect", |w| {
+            w.calls.iter().filter(|c| **c == Call::Connect).count() >= 2
+        });
+        // While disconnected, a plug is remembered.
+        harness.send(Event::DeviceAdded(receiver(5)));
+        harness.world.lock().refuse_connections = false;
+        harness.wait_until("reconnect and attach", |w| w.aliases_in("win11").len() == 1);
+        let connects = harness.count(|c| *c == Call::Connect);
+        assert!((2..=4).contains(&connects), "{connects} connects");
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_broken_rules_edit_is_refused_and_the_old_rules_stay() {
+        let harness = Harness::start(
+            RULES,
+            FakeWorld::with_domains(&["win11", "lab"]),
+            vec![receiver(5)],
+        );
+        harness.wait_until("the first attach", |w| w.aliases_in("win11").len() == 1);
+        let path = harness.directory.path().join("usbpass.toml");
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"receiver\"\nid = \"046d:zzzz\"\nvm = \"lab\"\n",
+        )
+        .unwrap();
+        harness.send_and_settle(Event::ConfigChanged);
+        let state = harness.state();
+        let error = state.config_error.expect("the error is reported");
+        assert!(error.ends_with("usbpass.toml:3:6: rule \"receiver\": \"zzzz\" is not a hex USB ID (1 to 4 hex digits, or *)"), "{error}");
+        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
+
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"lab\"\n",
+        )
+        .unwrap();
+        harness.send_and_settle(Event::ConfigChanged);
+        assert!(harness.state().config_error.is_none());
+        let world = harness.world.lock();
+        assert!(world.aliases_in("win11").is_empty());
+        assert_eq!(world.aliases_in("lab").len(), 1);
+        drop(world);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_failed_watcher_stops_the_daemon_with_an_error() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&[]), vec![]);
+        harness.send(Event::SourceFailed {
+            source: "udev",
+            message: "netlink socket closed".into(),
+        });
+        let mut harness = harness;
+        let result = harness.thread.take().unwrap().join().unwrap();
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "the udev watcher stopped: netlink socket closed"
+        );
+    }
+
+    #[test]
+    fn a_failing_listing_backs_off_instead_of_spinning() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+        harness
+            .world
+            .lock()
+            .fail_every_call(Some(FailureKind::Other));
+        harness.send(Event::DeviceAdded(receiver(5)));
+        // Backoff 0.5 s, 1 s, ...: in 1.2 s at most a handful of calls, not thousands.
+        std::thread::sleep(Duration::from_millis(1200));
+        let calls = harness.world.lock().calls.len();
+        assert!(calls < 12, "{calls} calls");
+        harness.world.lock().fail_every_call(None);
+        harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn retry_schedule_is_bounded() {
+        let delays: Vec<_> = (1..=6)
+            .map(|attempt| retry_delay(FailureKind::DeviceNotFound, attempt))
+            .collect();
+        assert_eq!(delays[0], Some(Duration::from_millis(100)));
+        assert_eq!(delays[5], None, "gives up after five retries");
+        assert_eq!(retry_delay(FailureKind::NoFreePort, 3), None);
+        assert_eq!(retry_delay(FailureKind::DomainGone, 1), None);
+    }
+}

@@ -1,0 +1,271 @@
+//! A test double for the libvirt seam: an in-memory set of running domains that
+//! records every call and fails on demand, after cloud-hypervisor's
+//! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
+
+use crate::daemon::{Connector, DaemonError, DeviceSource};
+use crate::device::UsbDevice;
+use crate::event::Event;
+use crate::hostdev_xml;
+use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
+use std::collections::BTreeMap;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Connect,
+    ListDomains,
+    Attach { domain: String, alias: String },
+    Detach { domain: String, alias: String },
+}
+
+/// The fake's world, shared between the test and the daemon under test.
+#[derive(Debug, Default)]
+pub struct FakeWorld {
+    pub domains: Vec<DomainView>,
+    pub calls: Vec<Call>,
+    /// When each attach call arrived, for decision-time benchmarks.
+    pub attach_times: Vec<Instant>,
+    /// Calls (0-based, counted over every call including connects) that fail once.
+    failing_at: BTreeMap<usize, FailureKind>,
+    /// The next attaches fail with these kinds, one each, in order.
+    pub failing_attaches: std::collections::VecDeque<FailureKind>,
+    /// Fail every call from now on with this kind, until cleared.
+    failing_always: Option<FailureKind>,
+    /// USB ports per domain: an attach beyond this fails like a full qemu-xhci.
+    pub ports_per_domain: Option<usize>,
+    /// Connection attempts fail while this is set.
+    pub refuse_connections: bool,
+    /// Where the current connection's events go, so a test can post libvirt events.
+    pub events: Option<Sender<Event>>,
+}
+
+impl FakeWorld {
+    pub fn with_domains(names: &[&str]) -> FakeWorld {
+        FakeWorld {
+            domains: names
+                .iter()
+                .map(|name| DomainView {
+                    name: name.to_string(),
+                    hostdevs: Vec::new(),
+                })
+                .collect(),
+            ..FakeWorld::default()
+        }
+    }
+
+    /// The call with this index (see `calls`) fails once with `kind`.
+    pub fn failing_at(mut self, call: usize, kind: FailureKind) -> FakeWorld {
+        self.failing_at.insert(call, kind);
+        self
+    }
+
+    pub fn fail_every_call(&mut self, kind: Option<FailureKind>) {
+        self.failing_always = kind;
+    }
+
+    pub fn attaches(&self) -> Vec<(String, String)> {
+        self.calls
+            .iter()
+            .filter_map(|call| match call {
+                Call::Attach { domain, alias } => Some((domain.clone(), alias.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn detaches(&self) -> Vec<(String, String)> {
+        self.calls
+            .iter()
+            .filter_map(|call| match call {
+                Call::Detach { domain, alias } => Some((domain.clone(), alias.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Aliases of the USB hostdevs in a domain's "live XML".
+    pub fn aliases_in(&self, domain: &str) -> Vec<String> {
+        self.domains
+            .iter()
+            .filter(|d| d.name == domain)
+            .flat_map(|d| d.hostdevs.iter().filter_map(|h| h.alias.clone()))
+            .collect()
+    }
+
+    /// Records the call and returns the failure it is set up to have, if any.
+    fn record(&mut self, call: Call) -> Option<FailureKind> {
+        let index = self.calls.len();
+        self.calls.push(call);
+        self.failing_at.remove(&index).or(self.failing_always)
+    }
+
+    /// A domain stops: it and its hostdevs are gone.
+    pub fn stop_domain(&mut self, name: &str) {
+        self.domains.retain(|d| d.name != name);
+    }
+
+    pub fn start_domain(&mut self, name: &str) {
+        self.domains.push(DomainView {
+            name: name.to_string(),
+            hostdevs: Vec::new(),
+        });
+    }
+}
+
+/// A shareable handle on a `FakeWorld`.
+#[derive(Debug, Clone, Default)]
+pub struct SharedWorld(Arc<Mutex<FakeWorld>>);
+
+impl SharedWorld {
+    pub fn new(world: FakeWorld) -> SharedWorld {
+        SharedWorld(Arc::new(Mutex::new(world)))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, FakeWorld> {
+        // A panicking test thread must not hide the world from the others.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub struct FakeHypervisor {
+    world: SharedWorld,
+}
+
+fn message(kind: FailureKind) -> String {
+    match kind {
+        FailureKind::DeviceNotFound => "Did not find USB device 46d:c52b bus:1 device:5".into(),
+        FailureKind::DeviceInUse => "Requested operation is not valid: USB device 001:005 is in use by driver QEMU, domain other".into(),
+        FailureKind::NoFreePort => "internal error: unable to execute QEMU command 'device_add': Bus 'usb.0' does not have an available port".into(),
+        FailureKind::DomainGone => "Requested operation is not valid: domain is not running".into(),
+        FailureKind::ConnectionLost => "Cannot write data: Broken pipe".into(),
+        FailureKind::Other => "internal error: the fake was told to fail".into(),
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError> {
+        let mut world = self.world.lock();
+        if let Some(kind) = world.record(Call::ListDomains) {
+            return Err(HypervisorError::ListDomains {
+                kind,
+                message: message(kind),
+            });
+        }
+        Ok(world.domains.clone())
+    }
+
+    fn attach(
+        &mut self,
+        domain: &str,
+        device: &str,
+        hostdev_xml: &str,
+    ) -> Result<(), HypervisorError> {
+        let mut world = self.world.lock();
+        world.attach_times.push(Instant::now());
+        let wrapped = format!("<domain><devices>{hostdev_xml}</devices></domain>");
+        let hostdev = hostdev_xml::parse_usb_hostdevs(&wrapped)
+            .ok()
+            .and_then(|mut hostdevs| hostdevs.pop())
+            .expect("the daemon sends one well-formed usb hostdev");
+        let alias = hostdev.alias.clone().unwrap_or_default();
+        let fail = |kind| HypervisorError::Attach {
+            domain: domain.to_string(),
+            device: device.to_string(),
+            kind,
+            message: message(kind),
+        };
+        if let Some(kind) = world.record(Call::Attach {
+            domain: domain.to_string(),
+            alias: alias.clone(),
+        }) {
+            return Err(fail(kind));
+        }
+        if let Some(kind) = world.failing_attaches.pop_front() {
+            return Err(fail(kind));
+        }
+        let ports = world.ports_per_domain;
+        let Some(target) = world.domains.iter_mut().find(|d| d.name == domain) else {
+            return Err(fail(FailureKind::DomainGone));
+        };
+        if ports.is_some_and(|ports| target.hostdevs.len() >= ports) {
+            return Err(fail(FailureKind::NoFreePort));
+        }
+        target.hostdevs.push(hostdev);
+        Ok(())
+    }
+
+    fn detach(&mut self, domain: &str, alias: &str) -> Result<(), HypervisorError> {
+        let mut world = self.world.lock();
+        let fail = |kind| HypervisorError::Detach {
+            domain: domain.to_string(),
+            alias: alias.to_string(),
+            kind,
+            message: message(kind),
+        };
+        if let Some(kind) = world.record(Call::Detach {
+            domain: domain.to_string(),
+            alias: alias.to_string(),
+        }) {
+            return Err(fail(kind));
+        }
+        let Some(target) = world.domains.iter_mut().find(|d| d.name == domain) else {
+            return Err(fail(FailureKind::DomainGone));
+        };
+        let before = target.hostdevs.len();
+        target
+            .hostdevs
+            .retain(|h| h.alias.as_deref() != Some(alias));
+        if target.hostdevs.len() == before {
+            return Err(fail(FailureKind::Other));
+        }
+        Ok(())
+    }
+}
+
+/// Hands out `FakeHypervisor`s on one shared world.
+#[derive(Clone)]
+pub struct FakeConnector {
+    pub world: SharedWorld,
+}
+
+impl Connector for FakeConnector {
+    type Hypervisor = FakeHypervisor;
+
+    fn connect(
+        &mut self,
+        uri: &str,
+        events: Sender<Event>,
+    ) -> Result<FakeHypervisor, HypervisorError> {
+        let mut world = self.world.lock();
+        world.calls.push(Call::Connect);
+        if world.refuse_connections {
+            return Err(HypervisorError::Connect {
+                uri: uri.to_string(),
+                message: "Failed to connect socket to '/var/run/libvirt/libvirt-sock': Connection refused".into(),
+            });
+        }
+        world.events = Some(events);
+        Ok(FakeHypervisor {
+            world: self.world.clone(),
+        })
+    }
+}
+
+/// A device source that lists whatever the test put in it.
+#[derive(Debug, Clone, Default)]
+pub struct FixedDevices(pub Arc<Mutex<Vec<UsbDevice>>>);
+
+impl DeviceSource for FixedDevices {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone())
+    }
+}
