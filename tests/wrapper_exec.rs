@@ -19,12 +19,16 @@ const REAL_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// blocked signals, and its environment.
 fn inspecting_emulator(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("inspect");
+    // The signal state is read first and with builtins only: dash blocks every signal
+    // around each fork, so a child reading /proc/$$/status would see that mask instead.
     fs::write(
         &path,
         "#!/bin/sh\n\
          echo \"pid $$\"\n\
+         while IFS= read -r line; do\n\
+           case $line in SigIgn:*|SigBlk:*) echo \"$line\";; esac\n\
+         done < /proc/$$/status\n\
          echo \"fd5 $(readlink /proc/$$/fd/5)\"\n\
-         grep -E '^(SigIgn|SigBlk):' /proc/$$/status\n\
          echo env; tr '\\0' '\\n' < /proc/$$/environ | sort\n",
     )
     .unwrap();
@@ -51,7 +55,8 @@ fn run_inspected(
         .env("ODD", OsString::from_vec(b"a b\xff'\"".to_vec()))
         .stdout(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (dup2, signal) on values computed before the fork.
+    // async-signal-safe functions (dup2, signal, sigemptyset, sigaddset,
+    // pthread_sigmask) on values computed before the fork or on its own stack.
     unsafe {
         command.pre_exec(move || {
             if libc::dup2(raw, 5) < 0 {
@@ -60,6 +65,12 @@ fn run_inspected(
             if ignore_sigpipe {
                 libc::signal(libc::SIGPIPE, libc::SIG_IGN);
             }
+            // A known mask with SIGUSR1 blocked: the spawning thread's own mask is
+            // whatever the test harness left, so set one the emulator must inherit.
+            let mut mask: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut mask);
+            libc::sigaddset(&mut mask, libc::SIGUSR1);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
             Ok(())
         });
     }
@@ -101,6 +112,12 @@ fn exec_keeps_pid_fds_environment_and_signal_state() {
             .unwrap();
         let sigpipe_bit = 1u64 << (libc::SIGPIPE - 1);
         assert_eq!(ignored & sigpipe_bit != 0, ignore_sigpipe, "{wrapped}");
+        let blocked = wrapped
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(blocked, 1u64 << (libc::SIGUSR1 - 1), "{wrapped}");
     }
 }
 
