@@ -79,6 +79,15 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Man,
+    /// Print udev rules that let QEMU reopen the devices the rules name (for usbpass-qemu).
+    UdevRules {
+        /// The group QEMU runs as (`group =` in /etc/libvirt/qemu.conf).
+        #[arg(long, default_value = usbpass::udev_rules::DEFAULT_QEMU_GROUP)]
+        group: String,
+        /// Also make this user the owner of the device nodes.
+        #[arg(long)]
+        owner: Option<String>,
+    },
     /// Print the default rules file.
     DefaultConfig,
 }
@@ -153,6 +162,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::UdevRules { group, owner } => {
+            let config = Config::load(&cli.config)?;
+            let access = usbpass::udev_rules::QemuAccess { group, owner };
+            print!(
+                "{}",
+                usbpass::udev_rules::render_udev_rules(&config, &access)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::DefaultConfig => {
@@ -282,7 +300,13 @@ fn where_is(placement: &Placement, known: bool) -> String {
 fn printable(text: &str) -> String {
     if text.chars().any(char::is_control) {
         text.chars()
-            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
             .collect()
     } else {
         text.to_string()

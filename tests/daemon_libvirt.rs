@@ -6,7 +6,7 @@
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
 
-use libvirt_env::{libvirtd_ready, TestDomain, URI};
+use libvirt_env::{TestDomain, URI};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,12 +82,9 @@ fn wait_for_state(
 
 #[test]
 fn fallback_on_destroy_and_attach_errors_as_status_entries() {
-    if !libvirtd_ready() {
-        return;
-    }
-    let pid = std::process::id();
-    let first = TestDomain::define(format!("usbpass-test-dm-first-{pid}"));
-    let second = TestDomain::define(format!("usbpass-test-dm-second-{pid}"));
+    usbpass_require_libvirtd!();
+    let first = TestDomain::plain("daemon-first");
+    let second = TestDomain::plain("daemon-second");
     first.start();
     second.start();
 

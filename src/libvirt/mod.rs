@@ -23,8 +23,8 @@ const KEEPALIVE_COUNT: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
-    #[error("cannot start the libvirt event loop: {message}")]
-    StartEventLoop { message: String },
+    #[error("cannot start the libvirt event loop for {uri}: {message}")]
+    StartEventLoop { uri: String, message: String },
     #[error("cannot connect to libvirt at {uri}: {}", failure.message)]
     Connect {
         uri: String,
@@ -72,14 +72,14 @@ impl From<LibvirtError> for HypervisorError {
     /// The daemon's view: whatever stopped a connection from being made.
     fn from(error: LibvirtError) -> Self {
         let uri = match &error {
-            LibvirtError::StartEventLoop { .. } => String::new(),
-            LibvirtError::Connect { uri, .. }
+            LibvirtError::StartEventLoop { uri, .. }
+            | LibvirtError::Connect { uri, .. }
             | LibvirtError::RegisterEvents { uri, .. }
             | LibvirtError::EnableKeepalive { uri, .. }
             | LibvirtError::Probe { uri, .. } => uri.clone(),
         };
         let message = match &error {
-            LibvirtError::StartEventLoop { message } => message.clone(),
+            LibvirtError::StartEventLoop { message, .. } => message.clone(),
             LibvirtError::Connect { failure, .. }
             | LibvirtError::RegisterEvents { failure, .. }
             | LibvirtError::EnableKeepalive { failure, .. }
@@ -114,16 +114,22 @@ pub fn connect(uri: &str, events: Sender<Event>) -> Result<LibvirtHypervisor, Li
     // libvirt prints every error to stderr by default; the daemon logs them itself.
     virt::error::clear_error_callback();
     // libvirt requires an event loop implementation before the connection is opened.
-    events::ensure_event_loop().map_err(|message| LibvirtError::StartEventLoop { message })?;
+    events::ensure_event_loop().map_err(|message| LibvirtError::StartEventLoop {
+        uri: uri.to_string(),
+        message,
+    })?;
     let connection = Connect::open(Some(uri)).map_err(|source| LibvirtError::Connect {
         uri: uri.to_string(),
         failure: LibvirtFailure::from_error(&source),
         source,
     })?;
-    // Keepalive only where it earns its wake-ups. Its timer wakes the process every few
-    // seconds even while nothing happens, and the daemon must not wake while idle. On a
-    // local unix socket the kernel reports a dead libvirtd as EOF at once, so keepalive
-    // adds nothing there; across a network a silently dead peer is only found by probing.
+    // Client keepalive only where it earns its wake-ups. Its timer makes the event
+    // thread poll with a 5 s timeout instead of blocking, and the daemon must not wake
+    // while idle. On a local unix socket the kernel reports a dead libvirtd as EOF at
+    // once, so keepalive adds nothing there; across a network a silently dead peer is
+    // only found by probing. (libvirtd's own keepalive, `keepalive_interval` in
+    // libvirtd.conf, 5 s by default, still pings every client that runs an event loop;
+    // libvirt answers those pings on its event thread without an `Event`.)
     if !is_local_uri(uri) {
         connection
             .set_keep_alive(KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT)

@@ -1,6 +1,7 @@
-//! Shared helpers for tests against the real libvirtd (qemu:///system): start it when
-//! it does not answer (failing under `CI`, skipping otherwise), and firmware-only test
-//! domains that are destroyed and undefined on drop whatever the test did.
+//! Shared helpers for tests against the real libvirtd (qemu:///system): virsh, starting
+//! libvirtd when it does not answer (failing under `CI`, skipping otherwise), and
+//! firmware-only test domains that are destroyed and undefined on drop whatever the
+//! test did. Included with `#[path = "support/libvirt_env.rs"] mod libvirt_env;`.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -27,7 +28,7 @@ pub fn virsh_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Whether libvirtd answers, starting it if needed. Panics under CI when it cannot.
+/// Whether libvirtd answers, starting it if needed. Fails under CI when it cannot.
 pub fn libvirtd_ready() -> bool {
     static READY: OnceLock<Result<(), String>> = OnceLock::new();
     let ready = READY.get_or_init(|| {
@@ -56,25 +57,49 @@ pub fn libvirtd_ready() -> bool {
     }
 }
 
-/// A firmware-only KVM domain (64 MiB, a qemu-xhci controller, no disks, no graphics).
+#[macro_export]
+macro_rules! usbpass_require_libvirtd {
+    () => {
+        if !libvirt_env::libvirtd_ready() {
+            return;
+        }
+    };
+}
+
+/// A firmware-only domain, destroyed and undefined on drop, whatever the test did.
 pub struct TestDomain {
     pub name: String,
 }
 
 impl TestDomain {
-    pub fn define(name: String) -> TestDomain {
-        let domain = TestDomain { name };
+    /// `top` goes after `<name>`, `controller` into the xHCI controller's attributes,
+    /// `devices` after the controller.
+    pub fn define(tag: &str, top: &str, controller: &str, devices: &str) -> TestDomain {
+        let domain = TestDomain {
+            name: format!("usbpass-test-lv-{tag}-{}", std::process::id()),
+        };
         domain.remove();
         let xml = format!(
-            "<domain type='kvm'><name>{}</name><memory unit='MiB'>64</memory>\
-             <os><type arch='x86_64' machine='pc'>hvm</type></os>\
-             <devices><controller type='usb' model='qemu-xhci'/></devices></domain>",
+            "<domain type='kvm'>
+  <name>{}</name>
+  {top}
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <controller type='usb' model='qemu-xhci'{controller}/>
+    {devices}
+  </devices>
+</domain>",
             domain.name
         );
         let mut file = tempfile::NamedTempFile::new().expect("temporary file");
         file.write_all(xml.as_bytes()).expect("write domain xml");
         virsh_ok(&["define", file.path().to_str().unwrap()]);
         domain
+    }
+
+    pub fn plain(tag: &str) -> TestDomain {
+        TestDomain::define(tag, "", "", "")
     }
 
     pub fn start(&self) {
@@ -86,6 +111,7 @@ impl TestDomain {
     }
 
     fn remove(&self) {
+        // Either may fail because the domain is not running or not defined: fine.
         let _ = virsh(&["destroy", &self.name]);
         let _ = virsh(&["undefine", &self.name]);
     }

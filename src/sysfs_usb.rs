@@ -1,0 +1,435 @@
+//! Resolving what a QEMU usb-host argument names (bus and address, or a device node) to
+//! the device's IDs, port path and serial, by reading sysfs directly.
+//!
+//! The wrapper reads sysfs instead of asking libudev so that it links nothing and starts
+//! fast; the root is a parameter so that tests can point it at a folder of their own.
+
+use crate::device::{InterfaceClass, UsbDevice};
+use crate::qemu_args::DeviceFacts;
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The kernel's major number for USB device nodes (`/dev/bus/usb/BBB/DDD`).
+pub const USB_DEVICE_MAJOR: u32 = 189;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysfsUsbError {
+    #[error("cannot list usb devices in {path}: {source}")]
+    ListDevices {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    ReadAttribute {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot parse {path}: {value:?} is no {expected}")]
+    ParseAttribute {
+        path: PathBuf,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("no usb device at bus {bus} address {address} under {root}")]
+    FindBusAddress {
+        root: PathBuf,
+        bus: u32,
+        address: u32,
+    },
+    #[error("cannot resolve device node {path}: {reason}")]
+    ResolveNode { path: PathBuf, reason: String },
+}
+
+/// A sysfs tree to read USB devices from: `/sys` on a host.
+#[derive(Debug, Clone)]
+pub struct SysfsUsb {
+    root: PathBuf,
+}
+
+impl SysfsUsb {
+    pub fn new(root: impl Into<PathBuf>) -> SysfsUsb {
+        SysfsUsb { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn devices_dir(&self) -> PathBuf {
+        self.root.join("bus/usb/devices")
+    }
+
+    /// Every USB device (not interface) in the tree, in directory order.
+    pub fn devices(&self) -> Result<Vec<UsbDevice>, SysfsUsbError> {
+        let dir = self.devices_dir();
+        let entries = fs::read_dir(&dir).map_err(|source| SysfsUsbError::ListDevices {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut devices = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| SysfsUsbError::ListDevices {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            // Interfaces are named `1-2:1.0`; devices `1-2.3` or `usb1`.
+            if name.as_bytes().contains(&b':') {
+                continue;
+            }
+            devices.push(read_device(&entry.path())?);
+        }
+        Ok(devices)
+    }
+
+    /// The device plugged in as `bus`/`address` (lsusb's `Bus 001 Device 005`).
+    pub fn find_by_bus_address(&self, bus: u32, address: u32) -> Result<UsbDevice, SysfsUsbError> {
+        let dir = self.devices_dir();
+        let entries = fs::read_dir(&dir).map_err(|source| SysfsUsbError::ListDevices {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().as_bytes().contains(&b':') {
+                continue;
+            }
+            // Read the two numbers first: a full read of every device would be wasted.
+            let (Ok(entry_bus), Ok(entry_address)) = (
+                read_number(&path.join("busnum")),
+                read_number(&path.join("devnum")),
+            ) else {
+                continue;
+            };
+            if entry_bus == bus && entry_address == address {
+                return read_device(&path);
+            }
+        }
+        Err(SysfsUsbError::FindBusAddress {
+            root: self.root.clone(),
+            bus,
+            address,
+        })
+    }
+
+    /// The device behind a character device number, through `/sys/dev/char/MAJ:MIN`.
+    pub fn find_by_char_device(&self, major: u32, minor: u32) -> Result<UsbDevice, SysfsUsbError> {
+        let link = self.root.join(format!("dev/char/{major}:{minor}"));
+        let path = fs::canonicalize(&link).map_err(|source| SysfsUsbError::ReadAttribute {
+            path: link.clone(),
+            source,
+        })?;
+        read_device(&path)
+    }
+
+    /// The device a `hostdevice=` path names. A present character node is followed by its
+    /// device number (so udev symlinks work); otherwise the path must be the
+    /// `/dev/bus/usb/BBB/DDD` that libvirt writes.
+    pub fn find_by_node(&self, node: &Path) -> Result<UsbDevice, SysfsUsbError> {
+        if let Ok(metadata) = fs::metadata(node) {
+            if metadata.file_type().is_char_device() {
+                let rdev = metadata.rdev();
+                let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+                if major != USB_DEVICE_MAJOR {
+                    return Err(SysfsUsbError::ResolveNode {
+                        path: node.to_path_buf(),
+                        reason: format!("character device {major}:{minor} is no usb device"),
+                    });
+                }
+                return self.find_by_char_device(major, minor);
+            }
+        }
+        match parse_bus_usb_path(node.as_os_str()) {
+            Some((bus, address)) => self.find_by_bus_address(bus, address),
+            None => Err(SysfsUsbError::ResolveNode {
+                path: node.to_path_buf(),
+                reason: "not a /dev/bus/usb/BUS/DEVICE path and no character device".to_string(),
+            }),
+        }
+    }
+
+    /// Every present device with these IDs, in directory order.
+    pub fn find_by_vendor_product(
+        &self,
+        vendor_id: u16,
+        product_id: u16,
+    ) -> Result<Vec<UsbDevice>, SysfsUsbError> {
+        Ok(self
+            .devices()?
+            .into_iter()
+            .filter(|d| d.vendor_id == vendor_id && d.product_id == product_id)
+            .collect())
+    }
+}
+
+/// `/dev/bus/usb/001/005` → (1, 5), decimal as libvirt and udev write it.
+pub fn parse_bus_usb_path(path: &OsStr) -> Option<(u32, u32)> {
+    let rest = path.as_bytes().strip_prefix(b"/dev/bus/usb/")?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let (bus, address) = text.split_once('/')?;
+    let number = |s: &str| {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<u32>().ok().filter(|n| *n != 0)
+    };
+    Some((number(bus)?, number(address)?))
+}
+
+/// QEMU's `hostport` for a kernel port path: `1-2.3` → `2.3`. Root hubs (`usb1`) have
+/// none.
+pub fn hostport_of(port_path: &str) -> Option<String> {
+    let (_, ports) = port_path.split_once('-')?;
+    (!ports.is_empty()).then(|| ports.to_string())
+}
+
+/// The facts `qemu_args` needs, from a device read here.
+pub fn facts_of(device: &UsbDevice) -> DeviceFacts {
+    DeviceFacts {
+        vendor_id: device.vendor_id,
+        product_id: device.product_id,
+        bus: u32::from(device.bus),
+        hostport: hostport_of(&device.port_path),
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, SysfsUsbError> {
+    let bytes = fs::read(path).map_err(|source| SysfsUsbError::ReadAttribute {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(String::from_utf8_lossy(&bytes).trim_end().to_string())
+}
+
+fn read_optional_text(path: &Path) -> Option<String> {
+    read_text(path).ok().filter(|s| !s.is_empty())
+}
+
+fn read_number(path: &Path) -> Result<u32, SysfsUsbError> {
+    let text = read_text(path)?;
+    text.trim()
+        .parse()
+        .map_err(|_| SysfsUsbError::ParseAttribute {
+            path: path.to_path_buf(),
+            value: text,
+            expected: "decimal number",
+        })
+}
+
+fn read_hex(path: &Path, expected: &'static str) -> Result<u16, SysfsUsbError> {
+    let text = read_text(path)?;
+    u16::from_str_radix(text.trim(), 16).map_err(|_| SysfsUsbError::ParseAttribute {
+        path: path.to_path_buf(),
+        value: text,
+        expected,
+    })
+}
+
+fn read_hex_u8(path: &Path) -> Option<u8> {
+    u8::from_str_radix(read_text(path).ok()?.trim(), 16).ok()
+}
+
+/// Reads one device directory (a `usb_device`, e.g. `/sys/bus/usb/devices/1-2.3`).
+pub fn read_device(path: &Path) -> Result<UsbDevice, SysfsUsbError> {
+    let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let name = real
+        .file_name()
+        .map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let bus = read_number(&real.join("busnum"))?;
+    let devnum = read_number(&real.join("devnum"))?;
+    let to_u16 = |value: u32, file: &str| {
+        u16::try_from(value).map_err(|_| SysfsUsbError::ParseAttribute {
+            path: real.join(file),
+            value: value.to_string(),
+            expected: "16-bit number",
+        })
+    };
+    let parent_hub = match name.rsplit_once('.') {
+        Some((hub, _)) => Some(hub.to_string()),
+        None => name.split_once('-').map(|(bus, _)| format!("usb{bus}")),
+    };
+    let mut interface_classes = Vec::new();
+    if let Ok(entries) = fs::read_dir(&real) {
+        let prefix = format!("{name}:");
+        let mut names: Vec<_> = entries
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.as_bytes().starts_with(prefix.as_bytes()))
+            .collect();
+        names.sort();
+        for interface in names {
+            let dir = real.join(interface);
+            if let (Some(class), Some(subclass), Some(protocol)) = (
+                read_hex_u8(&dir.join("bInterfaceClass")),
+                read_hex_u8(&dir.join("bInterfaceSubClass")),
+                read_hex_u8(&dir.join("bInterfaceProtocol")),
+            ) {
+                interface_classes.push(InterfaceClass {
+                    class,
+                    subclass,
+                    protocol,
+                });
+            }
+        }
+    }
+    Ok(UsbDevice {
+        syspath: real.to_string_lossy().into_owned(),
+        bus: to_u16(bus, "busnum")?,
+        devnum: to_u16(devnum, "devnum")?,
+        vendor_id: read_hex(&real.join("idVendor"), "hex vendor id")?,
+        product_id: read_hex(&real.join("idProduct"), "hex product id")?,
+        serial: read_optional_text(&real.join("serial")),
+        port_path: name,
+        parent_hub,
+        device_class: read_hex_u8(&real.join("bDeviceClass")).unwrap_or(0),
+        interface_classes,
+        manufacturer: read_optional_text(&real.join("manufacturer")),
+        product: read_optional_text(&real.join("product")),
+        vendor_from_database: None,
+        model_from_database: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Writes a device the way the kernel lays it out: the real directory under
+    /// `devices/`, a link in `bus/usb/devices/` and one in `dev/char/`.
+    fn add_device(
+        root: &Path,
+        port: &str,
+        bus: u32,
+        devnum: u32,
+        ids: (&str, &str),
+        serial: Option<&str>,
+    ) {
+        let parent = match port.rsplit_once('.') {
+            Some((hub, _)) => hub.to_string(),
+            None => format!("usb{bus}"),
+        };
+        let parent_dir = if parent.starts_with("usb") {
+            format!("devices/pci0000:00/0000:00:14.0/{parent}")
+        } else {
+            format!("devices/pci0000:00/0000:00:14.0/usb{bus}/{parent}")
+        };
+        let dir = root.join(&parent_dir).join(port);
+        fs::create_dir_all(&dir).unwrap();
+        let write =
+            |file: &str, text: &str| fs::write(dir.join(file), format!("{text}\n")).unwrap();
+        write("busnum", &bus.to_string());
+        write("devnum", &devnum.to_string());
+        write("idVendor", ids.0);
+        write("idProduct", ids.1);
+        write("bDeviceClass", "00");
+        if let Some(serial) = serial {
+            write("serial", serial);
+        }
+        let interface = dir.join(format!("{port}:1.0"));
+        fs::create_dir_all(&interface).unwrap();
+        fs::write(interface.join("bInterfaceClass"), "03\n").unwrap();
+        fs::write(interface.join("bInterfaceSubClass"), "01\n").unwrap();
+        fs::write(interface.join("bInterfaceProtocol"), "02\n").unwrap();
+        let links = root.join("bus/usb/devices");
+        fs::create_dir_all(&links).unwrap();
+        symlink(&dir, links.join(port)).unwrap();
+        symlink(&interface, links.join(format!("{port}:1.0"))).unwrap();
+        let chars = root.join("dev/char");
+        fs::create_dir_all(&chars).unwrap();
+        let minor = (bus - 1) * 128 + devnum - 1;
+        symlink(&dir, chars.join(format!("189:{minor}"))).unwrap();
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        add_device(root.path(), "1-2", 1, 3, ("05e3", "0608"), None);
+        add_device(
+            root.path(),
+            "1-2.3",
+            1,
+            5,
+            ("046d", "c52b"),
+            Some("ABC 123"),
+        );
+        add_device(root.path(), "2-1", 2, 17, ("0627", "0001"), None);
+        root
+    }
+
+    #[test]
+    fn bus_address_resolves_ids_port_and_serial() {
+        let root = tree();
+        let sysfs = SysfsUsb::new(root.path());
+        let device = sysfs.find_by_bus_address(1, 5).unwrap();
+        assert_eq!((device.vendor_id, device.product_id), (0x046d, 0xc52b));
+        assert_eq!(device.port_path, "1-2.3");
+        assert_eq!(device.parent_hub.as_deref(), Some("1-2"));
+        assert_eq!(device.serial.as_deref(), Some("ABC 123"));
+        assert_eq!(device.interface_classes.len(), 1);
+        assert_eq!(device.interface_classes[0].class, 3);
+        let facts = facts_of(&device);
+        assert_eq!(facts.hostport.as_deref(), Some("2.3"));
+        assert_eq!(facts.bus, 1);
+    }
+
+    #[test]
+    fn missing_device_names_bus_and_address() {
+        let root = tree();
+        let error = SysfsUsb::new(root.path())
+            .find_by_bus_address(1, 9)
+            .unwrap_err();
+        assert!(error
+            .to_string()
+            .starts_with("no usb device at bus 1 address 9"));
+    }
+
+    #[test]
+    fn libvirt_node_paths_and_char_numbers() {
+        let root = tree();
+        let sysfs = SysfsUsb::new(root.path());
+        let device = sysfs
+            .find_by_node(Path::new("/dev/bus/usb/002/017"))
+            .unwrap();
+        assert_eq!(device.port_path, "2-1");
+        let device = sysfs.find_by_char_device(189, 4).unwrap();
+        assert_eq!(device.port_path, "1-2.3");
+        assert!(sysfs.find_by_node(Path::new("/dev/null")).is_err());
+        assert!(sysfs.find_by_node(Path::new("/dev/fdset/3")).is_err());
+        assert_eq!(parse_bus_usb_path(OsStr::new("/dev/bus/usb/001/0x5")), None);
+        assert_eq!(parse_bus_usb_path(OsStr::new("/dev/bus/usb/000/005")), None);
+    }
+
+    #[test]
+    fn vendor_product_lookup_skips_interfaces() {
+        let root = tree();
+        let sysfs = SysfsUsb::new(root.path());
+        assert_eq!(sysfs.devices().unwrap().len(), 3);
+        let found = sysfs.find_by_vendor_product(0x0627, 0x0001).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].bus, 2);
+    }
+
+    #[test]
+    fn absent_tree_is_an_error_naming_the_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let error = SysfsUsb::new(root.path())
+            .find_by_bus_address(1, 1)
+            .unwrap_err();
+        assert!(matches!(error, SysfsUsbError::ListDevices { .. }));
+        assert!(error.to_string().contains("bus/usb/devices"));
+    }
+
+    #[test]
+    fn hostport_of_root_hub_is_none() {
+        assert_eq!(hostport_of("usb1"), None);
+        assert_eq!(hostport_of("3-1.4.2"), Some("1.4.2".to_string()));
+    }
+}

@@ -1,0 +1,181 @@
+//! The `usbpass` command line against a recorded USB tree: the binary runs under
+//! `umockdev-run` with `tests/umockdev/usb-tree.umockdev`, so udev and sysfs show two
+//! controllers, a hub and seven devices. libvirt is its in-process test driver
+//! (`test:///default`, one running domain named `test`), so no libvirtd is needed.
+//! With `CI` set a missing umockdev-run fails the tests; otherwise they skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use usbpass::config::Config;
+
+fn umockdev_available() -> bool {
+    let found = Command::new("umockdev-run").arg("--help").output().is_ok();
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI is set and umockdev-run is missing (apt-get install umockdev)");
+        }
+        eprintln!("skipping: umockdev-run is not installed");
+    }
+    found
+}
+
+struct Cli {
+    directory: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(rules: &str) -> Cli {
+        let directory = tempfile::tempdir().unwrap();
+        std::fs::write(directory.path().join("usbpass.toml"), rules).unwrap();
+        Cli { directory }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.directory.path().join("usbpass.toml")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/umockdev/usb-tree.umockdev");
+        Command::new("umockdev-run")
+            .arg("-d")
+            .arg(tree)
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_usbpass"))
+            .arg("--config")
+            .arg(self.config())
+            .arg("--state")
+            .arg(self.directory.path().join("state.json"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "usbpass {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Fails with exactly one line on stderr; returns it.
+    fn fails(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(!output.status.success(), "usbpass {args:?} succeeded");
+        assert_eq!(stderr.lines().count(), 1, "usbpass {args:?}: {stderr}");
+        stderr.trim_end().to_string()
+    }
+
+    fn rules_text(&self) -> String {
+        std::fs::read_to_string(self.config()).unwrap()
+    }
+}
+
+const START: &str = "# my host\nuri = \"test:///default\"\n";
+
+#[test]
+fn list_shows_every_device_with_rule_and_place() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(&format!(
+        "{START}[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = [\"win11\", \"test\"]\n"
+    ));
+    let table = cli.ok(&["list"]);
+    let receiver = table.lines().find(|l| l.contains("046d:c52b")).unwrap();
+    assert!(receiver.contains("1-2.3"), "{receiver}");
+    assert!(receiver.contains("receiver -> test"), "{receiver}");
+    assert!(receiver.trim_end().ends_with("host"), "{receiver}");
+    assert!(table
+        .lines()
+        .find(|l| l.contains("05e3:0610"))
+        .unwrap()
+        .contains("(hub)"));
+
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["list", "--json"])).unwrap();
+    assert_eq!(json["libvirt_reachable"], true);
+    let devices = json["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 9);
+    let receiver = devices
+        .iter()
+        .find(|d| d["device"]["port_path"] == "1-2.3")
+        .unwrap();
+    assert_eq!(receiver["rule"], "receiver");
+    assert_eq!(receiver["wanted_vm"], "test");
+}
+
+#[test]
+fn assign_and_unassign_edit_the_file_and_keep_comments() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(START);
+    // Two identical adapters: the ID alone is ambiguous, and nothing is written.
+    let error = cli.fails(&["assign", "0403:6001", "lab"]);
+    assert!(
+        error.starts_with("usbpass: device \"0403:6001\" is ambiguous, 2 devices match:"),
+        "{error}"
+    );
+    assert!(
+        error.contains("A10KZP4Q") && error.contains("A10KZP4R"),
+        "{error}"
+    );
+    assert_eq!(cli.rules_text(), START);
+
+    cli.ok(&["assign", "A10KZP4Q", "lab", "--by", "serial"]);
+    cli.ok(&["assign", "1-2.3", "test", "--by", "port"]);
+    let text = cli.rules_text();
+    assert!(text.starts_with("# my host\n"), "{text}");
+    let config = Config::load(&cli.config()).unwrap();
+    assert_eq!(config.rules.len(), 2);
+    assert_eq!(config.rules[0].matcher.serial.as_deref(), Some("A10KZP4Q"));
+    assert_eq!(config.rules[1].matcher.port.as_deref(), Some("1-2.3"));
+
+    let rules: serde_json::Value = serde_json::from_str(&cli.ok(&["rules", "--json"])).unwrap();
+    assert_eq!(rules[0]["devices"][0]["serial"], "A10KZP4Q");
+    assert_eq!(rules[1]["devices"][0]["port_path"], "1-2.3");
+
+    // Assigning the same device again moves its existing rule's first choice.
+    cli.ok(&["assign", "A10KZP4Q", "test", "--by", "serial"]);
+    let config = Config::load(&cli.config()).unwrap();
+    assert_eq!(config.rules.len(), 2);
+    assert_eq!(config.rules[0].vms, ["test", "lab"]);
+
+    cli.ok(&["unassign", "1-2.3"]);
+    cli.ok(&["unassign", &config.rules[0].name]);
+    assert!(Config::load(&cli.config()).unwrap().rules.is_empty());
+    assert!(cli.rules_text().starts_with("# my host\n"));
+}
+
+#[test]
+fn device_errors_are_one_line() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(START);
+    assert_eq!(
+        cli.fails(&["assign", "dead:beef", "lab"]),
+        "usbpass: no present usb device matches \"dead:beef\""
+    );
+    let error = cli.fails(&["attach", "1-2", "test"]);
+    assert!(error.contains("is a hub"), "{error}");
+    let error = cli.fails(&["attach", "046d:c52b", "nosuchvm"]);
+    assert_eq!(
+        error,
+        "usbpass: vm nosuchvm is not running on test:///default"
+    );
+    // The test driver cannot hot-plug: the error names the device and the vm.
+    let error = cli.fails(&["attach", "046d:c52b", "test"]);
+    assert!(
+        error.starts_with("usbpass: cannot attach 046d:c52b at 001:006 (port 1-2.3) to vm test: "),
+        "{error}"
+    );
+    let error = cli.fails(&["detach", "046d:c52b"]);
+    assert_eq!(
+        error,
+        "usbpass: device 046d:c52b at 001:006 (port 1-2.3) is on the host, not in any running vm"
+    );
+}
