@@ -11,9 +11,8 @@ import concurrent.futures
 import json
 import os
 import re
-import shutil
+import select
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -166,8 +165,6 @@ class Qmp:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Fail("test VM's QMP did not answer within its deadline")
-            import select
-
             readable, _, _ = select.select([self.fd], [], [], remaining)
             if readable:
                 chunk = os.read(self.fd, 65536)
@@ -282,8 +279,10 @@ class Usb:
         if plug.kind == "stick":
             self.sticks_free.append(plug.drive)
 
-    def unplug_all(self):
+    def unplug_all(self, keep=()):
         for plug in list(self.plugged.values()):
+            if plug in keep:
+                continue
             try:
                 self.unplug(plug)
             except Fail as error:
@@ -583,8 +582,17 @@ class Daemon:
     def running(self):
         return self.process is not None and self.process.poll() is None
 
+    def check_alive(self):
+        """Fail if the daemon we started has exited without being told to."""
+        if self.process is not None and self.process.poll() is not None:
+            status = self.process.returncode
+            self.process = None
+            tail = " | ".join(self.log_since(0).splitlines()[-3:])
+            raise Fail(f"daemon exited on its own with status {status}: {tail}")
+
     def start(self):
         self.require()
+        self.check_alive()
         if self.running():
             return
         log = open(self.log_path, "ab")
@@ -640,6 +648,10 @@ class World:
         self.lv = lv
         self.usb = usb
         self.daemon = daemon
+        # Devices a scenario leaves plugged for the next one: cleanup spares them once,
+        # handing them over.
+        self.keep = []
+        self.handed_over = []
 
     def held_by(self, domain, plug, alias_prefix=USBPASS_ALIAS):
         """The alias under which `domain` holds `plug`, or None. Both the live XML (address
@@ -793,13 +805,15 @@ def scenario_1(world, results):
         if attempt < 4:
             world.usb.unplug(plug)
             world.wait_not_in_guest(GUEST1, plug)
-    world.keyboard = plug
+    world.keep = [plug]
 
 
 def scenario_2(world, results):
     world.daemon.require()
-    plug = getattr(world, "keyboard", None)
-    if plug is None or plug.qmp_id not in world.usb.plugged:
+    kept = [p for p in world.handed_over if p.kind == "kbd" and p.qmp_id in world.usb.plugged]
+    if kept:
+        plug = kept[0]
+    else:
         plug, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
     world.usb.unplug(plug)
     world.wait_not_in_guest(GUEST1, plug)
@@ -922,9 +936,6 @@ def placements(state):
     return sorted(json.dumps(p, sort_keys=True) for p in state.get("devices", []))
 
 
-def attach_lines(text, vendor_product):
-    return [l for l in text.splitlines() if l.lstrip().find("attach device=" + vendor_product) >= 0 and "detach" not in l.split("attach device=")[0][-3:]]
-
 
 def scenario_8(world, results):
     world.daemon.start()
@@ -938,9 +949,10 @@ def scenario_8(world, results):
     world.daemon.start()
     # The new daemon has written its first state; give it a moment to make a mistake.
     wait_until(lambda: placements(world.daemon.read_state()) == before_state, 20, "state after restart equal to state before")
+    attach_key = f"attach device=0627:0001 addr={keyboard.busnum:03}:{keyboard.devnum:03}"
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        again = [l for l in world.daemon.log_since(offset).splitlines() if " attach device=0627:0001" in f" {l}" or l.startswith("attach device=0627:0001")]
+        again = [l for l in world.daemon.log_since(offset).splitlines() if f" {attach_key}" in f" {l}"]
         if again:
             raise Fail(f"daemon attached again after restart: {again[0]}")
         time.sleep(0.2)
@@ -992,18 +1004,21 @@ def scenario_11(world, results):
     for domain in (GUEST1, GUEST2):
         if world.held_by(domain, stray, alias_prefix=None):
             raise Fail(f"{stray} reached {domain}")
-    tried = [l for l in world.daemon.log_since(offset).splitlines() if "46f4:0001" in l and "attach" in l]
+    address = f"addr={stray.busnum:03}:{stray.devnum:03}"
+    tried = [l for l in world.daemon.log_since(offset).splitlines() if address in l and "tach device=" in l]
     if tried:
         raise Fail(f"daemon attempted an attach of the unmatched device: {tried[0]}")
     world.usb.unplug(keyboard)
-    world.stray = stray
+    world.keep = [stray]
     world.assert_exactly({})
 
 
 def scenario_12(world, results):
     world.daemon.start()
-    stray = getattr(world, "stray", None)
-    if stray is None or stray.qmp_id not in world.usb.plugged:
+    kept = [p for p in world.handed_over if p.kind == "stick" and p.qmp_id in world.usb.plugged]
+    if kept:
+        stray = kept[0]
+    else:
         stray = world.usb.plug("stick", 11, serial="E2E-STICK-NONE")
     edited = time.monotonic()
     world.daemon.write_rules(RULES + RULE_ADDED_LIVE)
@@ -1321,6 +1336,7 @@ def main():
 def run_guarded(name, function, world):
     try:
         function()
+        world.daemon.check_alive()
         return True, None
     except Fail as error:
         reason = str(error)
@@ -1338,8 +1354,10 @@ def run_guarded(name, function, world):
 
 
 def cleanup(world):
-    """Leave no plugged device behind so one failure does not cascade."""
-    world.usb.unplug_all()
+    """Leave no plugged device behind (but those kept for the next scenario), so one
+    failure does not cascade."""
+    world.handed_over, world.keep = world.keep, []
+    world.usb.unplug_all(keep=world.handed_over)
     for domain in (GUEST1, GUEST2):
         try:
             leftovers = world.usbpass_hostdevs(domain)
