@@ -34,7 +34,7 @@ install -D -m 0755 target/release/usbpass /usr/bin/usbpass
 install -D -m 0755 target/release/usbpass-qemu /usr/bin/usbpass-qemu
 install -d -m 0755 /usr/share/man/man1 /usr/share/bash-completion/completions \
     /usr/share/zsh/vendor-completions /usr/share/fish/vendor_completions.d
-/usr/bin/usbpass man > /usr/share/man/man1/usbpass.1
+/usr/bin/usbpass man --dir /usr/share/man/man1
 /usr/bin/usbpass completions bash > /usr/share/bash-completion/completions/usbpass
 /usr/bin/usbpass completions zsh > /usr/share/zsh/vendor-completions/_usbpass
 /usr/bin/usbpass completions fish > /usr/share/fish/vendor_completions.d/usbpass.fish
@@ -55,8 +55,11 @@ if [ -d /run/systemd/system ]; then
     systemctl restart usbpass.service
     systemctl --no-pager --lines=5 status usbpass.service
 else
-    # No systemd (a container or a CI machine): start libvirtd and the daemon by hand.
-    tests/support/start-libvirtd
+    # No systemd (a container or a CI machine): start libvirt's daemons and usbpass by
+    # hand. The host's libvirt configuration is left as it is.
+    install -d -m 0755 /var/log/libvirt /var/lib/libvirt/qemu /run/libvirt
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
     if [ -f /run/usbpass/daemon.pid ] && kill -0 "$(cat /run/usbpass/daemon.pid)" 2>/dev/null; then
         kill "$(cat /run/usbpass/daemon.pid)"
         sleep 1

@@ -51,6 +51,8 @@ const MAX_ROUNDS_PER_WAKE: usize = 3;
 /// Reconnect backoff: 0.5 s doubling to 30 s.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How many past failures the state file keeps for `usbpass status`.
+const RECENT_FAILURES: usize = 20;
 
 /// How long to wait before the next attempt of a failed action, or `None` to wait for
 /// an event about that device or VM. The add/bind race (libvirt cannot find a device
@@ -102,8 +104,14 @@ pub struct Daemon<C: Connector, S: DeviceSource> {
     hypervisor: Option<C::Hypervisor>,
     libvirt_error: Option<String>,
     reconnect_attempts: u32,
-    /// Consecutive failed listings, for their own backoff.
-    list_failures: u32,
+    /// Consecutive rounds that lost the connection (a failed listing, or a call that
+    /// broke it), for the reconnect backoff. Reset by a round that completes.
+    connection_failures: u32,
+    /// The last failures, kept for `usbpass status` after their action is no longer
+    /// wanted (a fallback, a stopped VM): newest last, at most `RECENT_FAILURES`.
+    recent_failures: std::collections::VecDeque<ActionFailure>,
+    /// SIGHUP: send READY=1 once the reload's reconcile has run.
+    ready_after_converge: bool,
     next_reconnect: Option<Instant>,
     failures: HashMap<(String, String), Failure>,
     /// When the loop received the event it is acting on: decision times count from here.
@@ -138,7 +146,9 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             hypervisor: None,
             libvirt_error: None,
             reconnect_attempts: 0,
-            list_failures: 0,
+            connection_failures: 0,
+            recent_failures: std::collections::VecDeque::new(),
+            ready_after_converge: false,
             next_reconnect: Some(Instant::now()),
             failures: HashMap::new(),
             woke_at: Instant::now(),
@@ -189,6 +199,9 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 return Ok(());
             }
             self.converge();
+            if std::mem::take(&mut self.ready_after_converge) {
+                notify::ready(&self.status_line());
+            }
             self.ping_watchdog_if_due();
         }
     }
@@ -243,9 +256,18 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     self.forget_failures_of_device(device.address());
                 }
             }
-            Event::Domain { domain, .. } | Event::DomainDeviceRemoved { domain, .. } => {
+            Event::Domain { domain, .. } => {
                 self.failures
                     .retain(|(failed_domain, _), _| *failed_domain != domain);
+            }
+            Event::DomainDeviceRemoved { domain, alias } => {
+                // A port freed in this VM, and the device that left it may now be free
+                // to go where the rules want it (a move between VMs).
+                self.failures
+                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+                if let Some((address, _)) = parse_alias(&alias) {
+                    self.forget_failures_of_device(address);
+                }
             }
             Event::HypervisorDisconnected { reason } => {
                 log::warn!("libvirt connection lost: {reason}");
@@ -255,9 +277,12 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             Event::Reload => {
                 notify::reloading();
                 self.reload_config(true);
-                self.rescan_devices()?;
+                // A failed rescan keeps the list the events built: better than exiting.
+                if let Err(error) = self.rescan_devices() {
+                    log::warn!("{error}; keeping the previous device list");
+                }
                 self.failures.clear();
-                notify::ready(&self.status_line());
+                self.ready_after_converge = true;
             }
             Event::Terminate => return Ok(true),
             Event::SourceFailed { source, message } => {
@@ -317,6 +342,22 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
     }
 
+    /// A round ended without its connection. The next connect waits, growing with each
+    /// such round in a row: a libvirtd that accepts connections but fails every call
+    /// (a permission problem, a broken driver) must not make the loop spin.
+    fn lost_connection_backoff(&mut self) {
+        if self.hypervisor.is_some() {
+            return;
+        }
+        self.connection_failures += 1;
+        let delay = backoff(self.connection_failures);
+        let at = Instant::now() + delay;
+        if self.next_reconnect.is_none_or(|next| next < at) {
+            log::info!("reconnecting to libvirt in {} ms", delay.as_millis());
+            self.next_reconnect = Some(at);
+        }
+    }
+
     fn drop_connection(&mut self, reason: String) {
         self.hypervisor = None;
         self.libvirt_error = Some(reason);
@@ -370,6 +411,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 break;
             }
             let Some(domains) = self.list_domains() else {
+                self.lost_connection_backoff();
                 break;
             };
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
@@ -394,13 +436,21 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 .collect();
             self.last_plan = plan;
             if due.is_empty() {
+                self.connection_failures = 0;
                 break;
             }
+            let mut connected = true;
             for action in due {
                 if !self.execute(action) {
+                    connected = false;
                     break;
                 }
             }
+            if !connected {
+                self.lost_connection_backoff();
+                break;
+            }
+            self.connection_failures = 0;
         }
         self.write_state();
     }
@@ -408,19 +458,12 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     fn list_domains(&mut self) -> Option<Vec<DomainView>> {
         let hypervisor = self.hypervisor.as_mut()?;
         match hypervisor.running_domains() {
-            Ok(domains) => {
-                self.list_failures = 0;
-                Some(domains)
-            }
+            Ok(domains) => Some(domains),
             Err(error) => {
-                // Without the domain list nothing can be decided. Start over with a
-                // fresh connection, backing off so that a persistent error (a
-                // permission problem, say) does not spin.
-                self.list_failures += 1;
-                let delay = backoff(self.list_failures);
-                log::warn!("{error}; reconnecting in {} ms", delay.as_millis());
+                // Without the domain list nothing can be decided: start over with a
+                // fresh connection (after a backoff, see `lost_connection_backoff`).
+                log::warn!("{error}");
                 self.drop_connection(error.to_string());
-                self.next_reconnect = Some(Instant::now() + delay);
                 None
             }
         }
@@ -502,23 +545,28 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                         address.map_or("unknown".into(), |a| a.to_string())
                     ),
                 };
+                let record = ActionFailure {
+                    action: match action {
+                        Action::Attach { .. } => "attach".into(),
+                        Action::Detach { .. } => "detach".into(),
+                    },
+                    domain: key.0.clone(),
+                    alias: key.1.clone(),
+                    device,
+                    kind,
+                    message: error.to_string(),
+                    attempts,
+                    last_attempt: unix_now(),
+                    retry_in_ms: delay.map(|d| d.as_millis() as u64),
+                };
+                self.recent_failures.push_back(record.clone());
+                if self.recent_failures.len() > RECENT_FAILURES {
+                    self.recent_failures.pop_front();
+                }
                 self.failures.insert(
-                    key.clone(),
+                    key,
                     Failure {
-                        record: ActionFailure {
-                            action: match action {
-                                Action::Attach { .. } => "attach".into(),
-                                Action::Detach { .. } => "detach".into(),
-                            },
-                            domain: key.0,
-                            alias: key.1,
-                            device,
-                            kind,
-                            message: error.to_string(),
-                            attempts,
-                            last_attempt: unix_now(),
-                            retry_in_ms: delay.map(|d| d.as_millis() as u64),
-                        },
+                        record,
                         next_attempt: delay.map(|d| Instant::now() + d),
                     },
                 );
@@ -573,6 +621,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             running_vms: self.running_vms.clone(),
             devices: self.last_plan.placements.clone(),
             failures,
+            recent_failures: self.recent_failures.iter().cloned().collect(),
         }
     }
 
@@ -919,6 +968,48 @@ vm = ["win11", "fedora"]
         assert!(calls < 12, "{calls} calls");
         harness.world.lock().fail_every_call(None);
         harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_call_that_breaks_the_connection_every_time_backs_off() {
+        let mut world = FakeWorld::with_domains(&["win11"]);
+        world.failing_attaches = [FailureKind::ConnectionLost; 100].into();
+        let harness = Harness::start(RULES, world, vec![receiver(5)]);
+        // Connect, list, attach (breaks), then reconnects 0.5 s, 1 s, ... apart.
+        std::thread::sleep(Duration::from_millis(1200));
+        let connects = harness.count(|c| *c == Call::Connect);
+        assert!((2..=4).contains(&connects), "{connects} connects in 1.2 s");
+        harness.world.lock().failing_attaches.clear();
+        harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
+        let state = harness.state();
+        assert!(state.failures.is_empty());
+        assert_eq!(state.recent_failures[0].kind, FailureKind::ConnectionLost);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
+        let harness = Harness::start(
+            RULES,
+            FakeWorld::with_domains(&["fedora"]),
+            vec![receiver(5)],
+        );
+        harness.wait_until("attach to fedora", |w| w.aliases_in("fedora").len() == 1);
+        // win11 starts, but the attach there fails while fedora still holds the device.
+        harness.world.lock().failing_attaches = [FailureKind::DeviceInUse].into();
+        harness.world.lock().start_domain("win11");
+        harness.send_and_settle(Event::Domain {
+            domain: "win11".into(),
+            change: DomainChange::Started,
+        });
+        assert_eq!(harness.state().failures[0].retry_in_ms, Some(5_000));
+        // libvirt reports the detach from fedora: the attach is due at once, not in 5 s.
+        harness.send_and_settle(Event::DomainDeviceRemoved {
+            domain: "fedora".into(),
+            alias: "ua-usbpass-1-5-046d-c52b".into(),
+        });
+        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
         harness.stop().unwrap();
     }
 

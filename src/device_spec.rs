@@ -186,8 +186,17 @@ pub fn find_device<'a>(spec: &DeviceSpec, devices: &'a [UsbDevice]) -> Vec<&'a U
         SpecKind::Port(port) => find_by_port(devices, port).into_iter().collect(),
         SpecKind::Serial(serial) => find_by_serial(devices, serial),
     };
-    if found.is_empty() && !spec.explicit {
-        return find_by_serial(devices, &spec.text);
+    if spec.explicit || matches!(spec.kind, SpecKind::Serial(_)) {
+        return found;
+    }
+    // Read by its shape, the text may also be some device's serial ("1-2.4" as one
+    // device's port and another's serial): every reading counts, so that such a clash
+    // is reported as ambiguous instead of silently resolved.
+    let mut found = found;
+    for device in find_by_serial(devices, &spec.text) {
+        if !found.iter().any(|other| other.syspath == device.syspath) {
+            found.push(device);
+        }
     }
     found
 }
@@ -332,7 +341,25 @@ mod tests {
     }
 
     #[test]
-    fn a_port_path_wins_over_a_serial_of_the_same_text() {
+    fn a_port_path_that_is_also_a_serial_is_ambiguous() {
+        let mut devices = devices();
+        devices.push(device(1, 8, 0x1111, 0x2222, "1-2.4"));
+        let spec = parse_device_spec("1-2.4").unwrap();
+        let error = resolve(&spec, &devices).unwrap_err().to_string();
+        assert!(error.contains("is ambiguous, 2 devices match"), "{error}");
+        assert!(
+            error.contains("(port 1-2.4)") && error.contains("serial \"1-2.4\""),
+            "{error}"
+        );
+        // The prefixes choose one reading.
+        let spec = parse_device_spec("port:1-2.4").unwrap();
+        assert_eq!(resolve(&spec, &devices).unwrap().devnum, 8);
+        let spec = parse_device_spec("serial:1-2.4").unwrap();
+        assert_eq!(resolve(&spec, &devices).unwrap().devnum, 5);
+    }
+
+    #[test]
+    fn a_spec_shaped_like_a_port_falls_back_to_serials() {
         let devices = devices();
         // "1-2.4" is no present port, so it falls back to the serial of the receiver...
         let spec = parse_device_spec("1-2.4").unwrap();

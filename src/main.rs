@@ -73,12 +73,17 @@ enum Command {
     Unassign { target: String },
     /// Attach DEVICE to VM now, once (not a rule; the daemon leaves it in place).
     Attach { device: String, vm: String },
-    /// Detach DEVICE from whichever VM holds it through usbpass.
+    /// Detach DEVICE (or the hostdev with alias ua-usbpass-...) from whichever VM holds it
+    /// through usbpass.
     Detach { device: String },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or with --dir write one page per subcommand there.
+    Man {
+        /// Write usbpass.1 and usbpass-SUBCOMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Print udev rules that let QEMU reopen the devices the rules name (for usbpass-qemu).
     UdevRules {
         /// The group QEMU runs as (`group =` in /etc/libvirt/qemu.conf).
@@ -160,8 +165,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
+        Command::Man { dir: None } => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).map_err(|error| {
+                anyhow::anyhow!("cannot create directory {}: {error}", dir.display())
+            })?;
+            clap_mangen::generate_to(Cli::command(), &dir).map_err(|error| {
+                anyhow::anyhow!("cannot write man pages to {}: {error}", dir.display())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::UdevRules { group, owner } => {
@@ -499,6 +513,17 @@ fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitCode>
                         where_is(placement, true)
                     );
                 }
+                let older: Vec<_> = state
+                    .recent_failures
+                    .iter()
+                    .filter(|recent| !state.failures.contains(recent))
+                    .collect();
+                for failure in older.iter().rev().take(5) {
+                    println!(
+                        "  earlier: {} {} on vm {}: {}",
+                        failure.action, failure.device, failure.domain, failure.message
+                    );
+                }
                 for failure in &state.failures {
                     println!(
                         "  failed: {} {} on vm {}: {} ({} attempts{})",
@@ -617,9 +642,28 @@ fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode> {
 
 fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
     let config = load_config_for_reading(config_path)?;
-    let (device, devices) = resolve_device(spec)?;
     let mut hypervisor = connect(&config.uri)?;
     let domains = hypervisor.running_domains()?;
+    // An alias names one hostdev directly, even one whose device is gone.
+    if spec.starts_with(usbpass::hypervisor::ALIAS_PREFIX) {
+        let holders: Vec<&str> = domains
+            .iter()
+            .filter(|d| d.hostdevs.iter().any(|h| h.alias.as_deref() == Some(spec)))
+            .map(|d| d.name.as_str())
+            .collect();
+        if holders.is_empty() {
+            bail!(
+                "no running vm on {} has a hostdev with alias {spec}",
+                config.uri
+            );
+        }
+        for domain in holders {
+            hypervisor.detach(domain, spec)?;
+            println!("detached {spec} from vm {domain}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (device, devices) = resolve_device(spec)?;
     let plan = reconcile::plan(&config, &devices, &domains);
     let placement = plan
         .placements
@@ -629,18 +673,28 @@ fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
     if placement.holders.is_empty() {
         bail!("device {device} is on the host, not in any running vm");
     }
-    let mut detached = 0;
+    if placement
+        .holders
+        .iter()
+        .all(|holder| holder.ownership == Ownership::Foreign)
+    {
+        let holder = &placement.holders[0];
+        bail!(
+            "device {device} is held by vm {} through {}, which usbpass did not attach; use virsh detach-device",
+            holder.domain,
+            holder.alias.as_deref().unwrap_or("a hostdev without alias")
+        );
+    }
     for holder in &placement.holders {
         let alias = holder.alias.as_deref().unwrap_or("-");
         if holder.ownership == Ownership::Foreign {
             eprintln!(
-                "usbpass: warning: device {device} is held by vm {} through {alias}, which usbpass did not attach; left alone",
+                "usbpass: warning: device {device} is also held by vm {} through {alias}, which usbpass did not attach; left alone",
                 holder.domain
             );
             continue;
         }
         hypervisor.detach(&holder.domain, alias)?;
-        detached += 1;
         println!("detached {device} from vm {} ({alias})", holder.domain);
         if holder.ownership == Ownership::Rules {
             if let Some(rule) = &placement.rule {
@@ -651,9 +705,5 @@ fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if detached > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,8 +8,13 @@ use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesEditError {
-    #[error("{path}: cannot edit: {message}")]
-    ParseDocument { path: String, message: String },
+    #[error("{path}:{line}:{column}: cannot edit: {message}")]
+    ParseDocument {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}: `rule` must be an array of tables ([[rule]])")]
     RuleKeyShape { path: String },
     #[error("device {device} has no serial; assign it --by id or --by port")]
@@ -51,11 +56,23 @@ pub struct Edit {
 }
 
 fn parse_document(text: &str, path: &Path) -> Result<DocumentMut, RulesEditError> {
-    text.parse::<DocumentMut>()
-        .map_err(|error| RulesEditError::ParseDocument {
+    text.parse::<DocumentMut>().map_err(|error| {
+        let (line, column) = error.span().map_or((1, 1), |span| {
+            crate::config::line_and_column(text, span.start)
+        });
+        RulesEditError::ParseDocument {
             path: path.display().to_string(),
-            message: error.message().to_string(),
-        })
+            line,
+            column,
+            message: error
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        }
+    })
 }
 
 /// The `[[rule]]` array, created when the file has none.

@@ -70,7 +70,10 @@ pub struct DaemonState {
     pub libvirt: LibvirtStatus,
     pub running_vms: Vec<String>,
     pub devices: Vec<Placement>,
+    /// Failed actions still wanted, waiting for a retry or an event.
     pub failures: Vec<ActionFailure>,
+    /// The last failures, newest last, including those no longer wanted.
+    pub recent_failures: Vec<ActionFailure>,
 }
 
 impl DaemonState {

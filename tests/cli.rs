@@ -25,6 +25,24 @@ fn man_page_and_completions_come_from_the_clap_definition() {
     ] {
         assert!(man.contains(subcommand), "man page lacks {subcommand}");
     }
+    let directory = tempfile::tempdir().unwrap();
+    let pages = directory.path().join("man1");
+    assert!(usbpass(&["man", "--dir", pages.to_str().unwrap()])
+        .status
+        .success());
+    for page in [
+        "usbpass.1",
+        "usbpass-assign.1",
+        "usbpass-daemon.1",
+        "usbpass-udev-rules.1",
+    ] {
+        let text = std::fs::read_to_string(pages.join(page)).unwrap();
+        assert!(
+            text.starts_with(".ie"),
+            "{page}: {}",
+            &text[..40.min(text.len())]
+        );
+    }
     for (shell, marker) in [
         ("bash", "_usbpass()"),
         ("zsh", "#compdef usbpass"),
