@@ -626,6 +626,7 @@ class Daemon:
         if self.running():
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
+            self.process = None
 
     def stop(self):
         if self.running():
