@@ -1090,7 +1090,7 @@ def baseline_finished(plug):
     return None
 
 
-def baseline_plug(world, who_key, domain, since=None):
+def baseline_plug(world, domain, since=None):
     """Plug the keyboard and wait for the script's attach; returns seconds, or None."""
     plug = world.usb.plug("kbd", 1)
     failed_at = []
@@ -1127,14 +1127,14 @@ def run_baseline(world, results):
     try:
         # Scenario 1's plug, five times.
         for _ in range(5):
-            plug, seconds = baseline_plug(world, "plug_running_s", GUEST1)
+            plug, seconds = baseline_plug(world, GUEST1)
             if seconds is not None:
                 results.measure("script", "plug_running_s", seconds)
             world.usb.unplug(plug)
             wait_script_detached(world, plug)
         # Scenario 3's ten replugs.
         for _ in range(10):
-            plug, seconds = baseline_plug(world, "replug_s", GUEST1)
+            plug, seconds = baseline_plug(world, GUEST1)
             results.count("script", "replug", seconds is not None)
             if seconds is not None:
                 results.measure("script", "replug_s", seconds)
