@@ -177,21 +177,35 @@ fn find_emulator(
     let name = Path::new(argv0).file_name();
     if let (Some(name), Some(path_var)) = (name, path_var) {
         if name != OsStr::new(WRAPPER_NAME) {
-            let candidates: Vec<PathBuf> = std::env::split_paths(path_var)
-                .filter(|dir| dir.is_absolute())
-                .map(|dir| dir.join(name))
+            let folders: Vec<PathBuf> = std::env::split_paths(path_var)
+                .filter(|folder| folder.is_absolute())
                 .collect();
-            // "Past the wrapper": start after the PATH entry that is the wrapper, when
-            // there is one, and only then look at the entries before it.
-            let start = candidates
-                .iter()
-                .position(|c| is_self(c))
-                .map_or(0, |p| p + 1);
-            let ordered = candidates[start..].iter().chain(&candidates[..start]);
-            for candidate in ordered {
-                if !is_self(candidate) && is_executable_file(candidate) {
-                    return Some(candidate.clone());
+            // The wrapper's own entry: the first folder where argv[0]'s name is the
+            // wrapper, or argv[0]'s own folder when the wrapper cannot know itself.
+            let own_folder = Path::new(argv0)
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .and_then(identity);
+            let own_entry = folders.iter().position(|folder| {
+                is_self(&folder.join(name))
+                    || own_folder.is_some_and(|own| identity(folder) == Some(own))
+            });
+            // "Past the wrapper" only: an entry before it would shadow the wrapper for
+            // anyone looking the name up, so it is not the binary the wrapper stands in
+            // for, and wrapping around to it could pick another wrapper.
+            match own_entry {
+                Some(position) => {
+                    for folder in &folders[position + 1..] {
+                        let candidate = folder.join(name);
+                        if !is_self(&candidate) && is_executable_file(&candidate) {
+                            return Some(candidate);
+                        }
+                    }
                 }
+                None => warnings.push(format!(
+                    "{} is not on PATH, so no PATH entry is past it; falling back to the default emulator",
+                    Path::new(argv0).display()
+                )),
             }
         }
     }
@@ -620,6 +634,72 @@ mod tests {
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
+
+        // Nothing past the wrapper's entry: the entry before it does not count (no
+        // wrap-around); the default runs.
+        let wrapper_last = std::env::join_paths([&first, &wrapper_dir]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&wrapper_last),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+
+        // Another symlink to the wrapper past its entry is skipped, never exec'd.
+        let second_link = dir.path().join("d");
+        fs::create_dir(&second_link).unwrap();
+        std::os::unix::fs::symlink(&wrapper, second_link.join("qemu-kvm")).unwrap();
+        let twice = std::env::join_paths([&first, &wrapper_dir, &second_link, &later]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&twice),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found, Some(later.join("qemu-kvm")));
+        let twice_last = std::env::join_paths([&first, &wrapper_dir, &second_link]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&twice_last),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+
+        // The wrapper's folder is not on PATH: nothing is past it, so no PATH entry
+        // counts; the default runs and a warning says why.
+        warnings.clear();
+        let elsewhere = std::env::join_paths([&first, &later]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&elsewhere),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("not on PATH"), "{warnings:?}");
+
+        // Without the wrapper's identity (no /proc/self/exe), argv[0]'s folder still
+        // marks its entry.
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&path_var),
+            None,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found, Some(later.join("qemu-kvm")));
 
         // The default is the wrapper: nothing to run.
         let found = find_emulator(
