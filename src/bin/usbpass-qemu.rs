@@ -232,6 +232,9 @@ struct Policy {
     sysfs: SysfsUsb,
     rules: Rules,
     explicit_mode: Option<DefaultMode>,
+    /// This guest's name from `-name`; `None` when the command line has none.
+    guest: Option<String>,
+    /// The guest's name for messages.
     vm: String,
     warnings: Vec<String>,
     /// What each decision was based on, by argument, for the info line.
@@ -276,14 +279,30 @@ impl Policy {
         }
     }
 
+    /// The first rule naming both this device and this guest decides; a rule for another
+    /// VM must not set this guest's mode. Without a guest name every rule counts (as the
+    /// daemon's first-match would), and the note says so.
     fn mode_for(&mut self, device: Option<&UsbDevice>) -> (DefaultMode, String) {
+        let guest = self.guest.clone();
+        let unfiltered = match (&guest, self.rules()) {
+            (None, Some(_)) => " (no guest name on the command line: rules for every vm count)",
+            _ => "",
+        };
         if let Some(device) = device {
-            if let Some(rule) = self.rules().and_then(|c| c.first_match(device)) {
+            let rule = self.rules().and_then(|config| {
+                config.rules.iter().find(|rule| {
+                    guest
+                        .as_ref()
+                        .is_none_or(|guest| rule.vms.iter().any(|vm| vm == guest))
+                        && rule.matches(device)
+                })
+            });
+            if let Some(rule) = rule {
                 let mode = match rule.reconnect {
                     ReconnectMode::Id => DefaultMode::Id,
                     ReconnectMode::Port => DefaultMode::Port,
                 };
-                return (mode, format!("rule={}", rule.name));
+                return (mode, format!("rule={}{unfiltered}", rule.name));
             }
         }
         let mode = self.default_mode();
@@ -292,7 +311,7 @@ impl Policy {
         } else {
             "default"
         };
-        (mode, format!("rule=none from={source}"))
+        (mode, format!("rule=none from={source}{unfiltered}"))
     }
 
     fn decide(&mut self, selector: &Selector) -> Decision {
@@ -396,7 +415,8 @@ fn plan(
         Path::new(DEFAULT_EMULATOR),
         &mut warnings,
     );
-    let vm = qemu_args::guest_name(&rest).unwrap_or_else(|| "<unnamed>".to_string());
+    let guest = qemu_args::guest_name(&rest);
+    let vm = guest.clone().unwrap_or_else(|| "<unnamed>".to_string());
     for warning in warnings.drain(..) {
         log("warning", &format!("vm {vm}: {warning}"));
     }
@@ -410,6 +430,7 @@ fn plan(
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
         ),
         explicit_mode: settings.mode,
+        guest,
         vm: vm.clone(),
         warnings: Vec::new(),
         notes: Vec::new(),
