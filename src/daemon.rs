@@ -711,6 +711,8 @@ vm = ["win11", "fedora"]
 
     struct Harness {
         world: SharedWorld,
+        /// What the device source lists on the next enumeration.
+        present: Arc<Mutex<Vec<UsbDevice>>>,
         sender: Sender<Event>,
         thread: Option<JoinHandle<Result<(), DaemonError>>>,
         directory: tempfile::TempDir,
@@ -723,6 +725,7 @@ vm = ["win11", "fedora"]
             std::fs::write(&config_path, rules).unwrap();
             let config = Config::load(&config_path).unwrap();
             let world = SharedWorld::new(world);
+            let present = Arc::new(Mutex::new(present));
             let (sender, receiver) = mpsc::channel();
             let options = DaemonOptions {
                 config_path,
@@ -733,7 +736,7 @@ vm = ["win11", "fedora"]
                 FakeConnector {
                     world: world.clone(),
                 },
-                FixedDevices(Arc::new(Mutex::new(present))),
+                FixedDevices(present.clone()),
                 config,
                 options,
                 sender.clone(),
@@ -742,6 +745,7 @@ vm = ["win11", "fedora"]
             let thread = Some(std::thread::spawn(move || daemon.run()));
             let harness = Harness {
                 world,
+                present,
                 sender,
                 thread,
                 directory,
@@ -1081,6 +1085,21 @@ vm = ["win11", "fedora"]
         });
         assert!(harness.world.lock().aliases_in("win11").is_empty());
         assert_eq!(harness.world.lock().detaches().len(), 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn sighup_rescans_devices_and_heals_missed_events() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+        // The plug's udev event was lost (a full socket buffer, say).
+        harness.present.lock().unwrap().push(receiver(5));
+        harness.send_and_settle(Event::Domain {
+            domain: "other".into(),
+            change: DomainChange::Other,
+        });
+        assert!(harness.world.lock().attaches().is_empty());
+        harness.send_and_settle(Event::Reload);
+        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
         harness.stop().unwrap();
     }
 
