@@ -51,6 +51,9 @@ const MAX_ROUNDS_PER_WAKE: usize = 3;
 /// Reconnect backoff: 0.5 s doubling to 30 s.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How long a requested detach may take before the loop asks again. QEMU answers a
+/// usb-host unplug at once; a guest that ignores it should not hold the loop forever.
+const DETACH_GRACE: Duration = Duration::from_secs(10);
 /// How many past failures the state file keeps for `usbpass status`.
 const RECENT_FAILURES: usize = 20;
 
@@ -110,6 +113,11 @@ pub struct Daemon<C: Connector, S: DeviceSource> {
     /// The last failures, kept for `usbpass status` after their action is no longer
     /// wanted (a fallback, a stopped VM): newest last, at most `RECENT_FAILURES`.
     recent_failures: std::collections::VecDeque<ActionFailure>,
+    /// Detaches libvirt accepted but QEMU has not finished: `virDomainDetachDeviceAlias`
+    /// returns once the unplug is requested, and the hostdev stays in the live XML
+    /// until DEVICE_REMOVED. Until then the loop treats it as gone instead of asking
+    /// again; after `DETACH_GRACE` it asks again.
+    pending_detaches: HashMap<(String, String), Instant>,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     next_reconnect: Option<Instant>,
@@ -149,6 +157,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             connection_failures: 0,
             recent_failures: std::collections::VecDeque::new(),
             ready_after_converge: false,
+            pending_detaches: HashMap::new(),
             next_reconnect: Some(Instant::now()),
             failures: HashMap::new(),
             woke_at: Instant::now(),
@@ -219,7 +228,9 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         let work = if self.hypervisor.is_none() {
             self.next_reconnect
         } else {
-            self.failures.values().filter_map(|f| f.next_attempt).min()
+            let retries = self.failures.values().filter_map(|f| f.next_attempt);
+            let detaches = self.pending_detaches.values().map(|at| *at + DETACH_GRACE);
+            retries.chain(detaches).min()
         };
         work.into_iter().chain(self.next_watchdog).min()
     }
@@ -261,6 +272,8 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     .retain(|(failed_domain, _), _| *failed_domain != domain);
             }
             Event::DomainDeviceRemoved { domain, alias } => {
+                self.pending_detaches
+                    .remove(&(domain.clone(), alias.clone()));
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
                 self.failures
@@ -342,6 +355,31 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
     }
 
+    /// Drops from the listing the hostdevs whose detach is under way, and forgets
+    /// pending detaches that have finished (gone from the XML) or taken too long.
+    fn hide_pending_detaches(&mut self, domains: &mut [DomainView]) {
+        let now = Instant::now();
+        self.pending_detaches.retain(|(domain, alias), requested| {
+            let still_listed = domains.iter().any(|d| {
+                d.name == *domain
+                    && d.hostdevs
+                        .iter()
+                        .any(|h| h.alias.as_deref() == Some(alias.as_str()))
+            });
+            still_listed && now < *requested + DETACH_GRACE
+        });
+        for domain in domains.iter_mut() {
+            let name = domain.name.clone();
+            domain.hostdevs.retain(|hostdev| {
+                hostdev.alias.as_ref().is_none_or(|alias| {
+                    !self
+                        .pending_detaches
+                        .contains_key(&(name.clone(), alias.clone()))
+                })
+            });
+        }
+    }
+
     /// A round ended without its connection. The next connect waits, growing with each
     /// such round in a row: a libvirtd that accepts connections but fails every call
     /// (a permission problem, a broken driver) must not make the loop spin.
@@ -360,6 +398,8 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
 
     fn drop_connection(&mut self, reason: String) {
         self.hypervisor = None;
+        // A new connection lists afresh; what is still in the XML is still there.
+        self.pending_detaches.clear();
         self.libvirt_error = Some(reason);
         self.running_vms.clear();
         if self.next_reconnect.is_none() {
@@ -410,10 +450,11 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             if !self.ensure_connected() {
                 break;
             }
-            let Some(domains) = self.list_domains() else {
+            let Some(mut domains) = self.list_domains() else {
                 self.lost_connection_backoff();
                 break;
             };
+            self.hide_pending_detaches(&mut domains);
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
             let plan = reconcile::plan(&self.config, &devices, &domains);
             self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
@@ -523,6 +564,9 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         match result {
             Ok(()) => {
                 log::info!("{line} result=ok call_ms={call_ms}");
+                if matches!(action, Action::Detach { .. }) {
+                    self.pending_detaches.insert(key.clone(), Instant::now());
+                }
                 self.failures.remove(&key);
                 true
             }
@@ -667,6 +711,8 @@ vm = ["win11", "fedora"]
 
     struct Harness {
         world: SharedWorld,
+        /// What the device source lists on the next enumeration.
+        present: Arc<Mutex<Vec<UsbDevice>>>,
         sender: Sender<Event>,
         thread: Option<JoinHandle<Result<(), DaemonError>>>,
         directory: tempfile::TempDir,
@@ -679,6 +725,7 @@ vm = ["win11", "fedora"]
             std::fs::write(&config_path, rules).unwrap();
             let config = Config::load(&config_path).unwrap();
             let world = SharedWorld::new(world);
+            let present = Arc::new(Mutex::new(present));
             let (sender, receiver) = mpsc::channel();
             let options = DaemonOptions {
                 config_path,
@@ -689,7 +736,7 @@ vm = ["win11", "fedora"]
                 FakeConnector {
                     world: world.clone(),
                 },
-                FixedDevices(Arc::new(Mutex::new(present))),
+                FixedDevices(present.clone()),
                 config,
                 options,
                 sender.clone(),
@@ -698,6 +745,7 @@ vm = ["win11", "fedora"]
             let thread = Some(std::thread::spawn(move || daemon.run()));
             let harness = Harness {
                 world,
+                present,
                 sender,
                 thread,
                 directory,
@@ -1009,6 +1057,48 @@ vm = ["win11", "fedora"]
             domain: "fedora".into(),
             alias: "ua-usbpass-1-5-046d-c52b".into(),
         });
+        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn an_unplug_under_way_is_not_requested_twice() {
+        let mut world = FakeWorld::with_domains(&["win11"]);
+        world.asynchronous_detach = true;
+        let harness = Harness::start(RULES, world, vec![receiver(5)]);
+        harness.wait_until("the attach", |w| w.aliases_in("win11").len() == 1);
+        harness.send_and_settle(Event::DeviceRemoved {
+            syspath: receiver(5).syspath,
+        });
+        // QEMU has not finished: the hostdev is still listed, and more hints come in.
+        for _ in 0..3 {
+            harness.send_and_settle(Event::Domain {
+                domain: "win11".into(),
+                change: DomainChange::Other,
+            });
+        }
+        assert_eq!(harness.world.lock().detaches().len(), 1);
+        harness.world.lock().finish_detaches();
+        harness.send_and_settle(Event::Domain {
+            domain: "win11".into(),
+            change: DomainChange::Other,
+        });
+        assert!(harness.world.lock().aliases_in("win11").is_empty());
+        assert_eq!(harness.world.lock().detaches().len(), 1);
+        harness.stop().unwrap();
+    }
+
+    #[test]
+    fn sighup_rescans_devices_and_heals_missed_events() {
+        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+        // The plug's udev event was lost (a full socket buffer, say).
+        harness.present.lock().unwrap().push(receiver(5));
+        harness.send_and_settle(Event::Domain {
+            domain: "other".into(),
+            change: DomainChange::Other,
+        });
+        assert!(harness.world.lock().attaches().is_empty());
+        harness.send_and_settle(Event::Reload);
         assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
         harness.stop().unwrap();
     }

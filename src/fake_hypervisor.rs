@@ -36,6 +36,11 @@ pub struct FakeWorld {
     failing_always: Option<FailureKind>,
     /// USB ports per domain: an attach beyond this fails like a full qemu-xhci.
     pub ports_per_domain: Option<usize>,
+    /// Detach like libvirt's `virDomainDetachDeviceAlias`: accept the request and leave
+    /// the hostdev in place until the test calls `finish_detaches`.
+    pub asynchronous_detach: bool,
+    /// Detaches accepted but not finished, when `asynchronous_detach` is set.
+    pub detaches_under_way: Vec<(String, String)>,
     /// Connection attempts fail while this is set.
     pub refuse_connections: bool,
     /// Where the current connection's events go, so a test can post libvirt events.
@@ -100,6 +105,21 @@ impl FakeWorld {
         let index = self.calls.len();
         self.calls.push(call);
         self.failing_at.remove(&index).or(self.failing_always)
+    }
+
+    /// Finish every detach under way and post DEVICE_REMOVED for each, as libvirt does
+    /// when QEMU reports the unplug done.
+    pub fn finish_detaches(&mut self) {
+        for (domain, alias) in std::mem::take(&mut self.detaches_under_way) {
+            if let Some(target) = self.domains.iter_mut().find(|d| d.name == domain) {
+                target
+                    .hostdevs
+                    .retain(|h| h.alias.as_deref() != Some(alias.as_str()));
+            }
+            if let Some(events) = &self.events {
+                let _ = events.send(Event::DomainDeviceRemoved { domain, alias });
+            }
+        }
     }
 
     /// A domain stops: it and its hostdevs are gone.
@@ -213,9 +233,28 @@ impl Hypervisor for FakeHypervisor {
         }) {
             return Err(fail(kind));
         }
+        let asynchronous = world.asynchronous_detach;
         let Some(target) = world.domains.iter_mut().find(|d| d.name == domain) else {
             return Err(fail(FailureKind::DomainGone));
         };
+        if !target
+            .hostdevs
+            .iter()
+            .any(|h| h.alias.as_deref() == Some(alias))
+        {
+            return Err(fail(FailureKind::DeviceNotFound));
+        }
+        if asynchronous {
+            world
+                .detaches_under_way
+                .push((domain.to_string(), alias.to_string()));
+            return Ok(());
+        }
+        let target = world
+            .domains
+            .iter_mut()
+            .find(|d| d.name == domain)
+            .expect("found above");
         let before = target.hostdevs.len();
         target
             .hostdevs

@@ -57,36 +57,42 @@ pub fn spawn_signal_thread(events: Sender<Event>) -> Result<JoinHandle<()>, Watc
 /// Sends `Event::ConfigChanged` whenever the rules file is written, replaced, created
 /// or removed. It watches the directory, not the file: editors and `usbpass assign`
 /// replace the file by renaming a new one over it, which a watch on the old inode
-/// would miss.
+/// would miss. When the rules file is a symlink, the target's directory is watched too,
+/// so that an edit of the target is seen.
 pub fn spawn_config_watcher(
     config_path: &Path,
     events: Sender<Event>,
 ) -> Result<JoinHandle<()>, WatchError> {
     use inotify::{Inotify, WatchMask};
-    let directory = match config_path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name: OsString = config_path
-        .file_name()
-        .map(OsString::from)
-        .unwrap_or_default();
-    let watch_error = |source| WatchError::WatchConfigDirectory {
-        path: directory.clone(),
+    let mut watched: Vec<(PathBuf, OsString)> = vec![split(config_path)];
+    if let Ok(target) = std::fs::canonicalize(config_path) {
+        let target = split(&target);
+        if target != watched[0] {
+            watched.push(target);
+        }
+    }
+    let inotify = Inotify::init().map_err(|source| WatchError::WatchConfigDirectory {
+        path: watched[0].0.clone(),
         source,
-    };
-    let inotify = Inotify::init().map_err(watch_error)?;
-    inotify
-        .watches()
-        .add(
-            &directory,
-            WatchMask::CLOSE_WRITE
-                | WatchMask::MOVED_TO
-                | WatchMask::CREATE
-                | WatchMask::DELETE
-                | WatchMask::MOVED_FROM,
-        )
-        .map_err(watch_error)?;
+    })?;
+    let mut names = Vec::new();
+    for (directory, file_name) in watched {
+        let descriptor = inotify
+            .watches()
+            .add(
+                &directory,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::CREATE
+                    | WatchMask::DELETE
+                    | WatchMask::MOVED_FROM,
+            )
+            .map_err(|source| WatchError::WatchConfigDirectory {
+                path: directory.clone(),
+                source,
+            })?;
+        names.push((descriptor, file_name));
+    }
     let mut inotify = inotify;
     std::thread::Builder::new()
         .name("rules-watch".into())
@@ -103,9 +109,11 @@ pub fn spawn_config_watcher(
                         return;
                     }
                 };
-                let touched = events_read
-                    .into_iter()
-                    .any(|event| event.name == Some(file_name.as_os_str()));
+                let touched = events_read.into_iter().any(|event| {
+                    names.iter().any(|(descriptor, name)| {
+                        event.wd == *descriptor && event.name == Some(name.as_os_str())
+                    })
+                });
                 if touched && events.send(Event::ConfigChanged).is_err() {
                     return;
                 }
@@ -115,6 +123,16 @@ pub fn spawn_config_watcher(
             name: "rules-watch",
             source,
         })
+}
+
+/// A file's directory and name.
+fn split(path: &Path) -> (PathBuf, OsString) {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(OsString::from).unwrap_or_default();
+    (directory, name)
 }
 
 #[cfg(test)]
@@ -144,5 +162,22 @@ mod tests {
         while let Ok(event) = receiver.recv_timeout(Duration::from_millis(200)) {
             assert_eq!(event, Event::ConfigChanged);
         }
+    }
+
+    #[test]
+    fn an_edit_of_a_symlinked_rules_file_target_is_noticed() {
+        let etc = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let target = store.path().join("real.toml");
+        std::fs::write(&target, "").unwrap();
+        let link = etc.path().join("usbpass.toml");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (sender, receiver) = mpsc::channel();
+        spawn_config_watcher(&link, sender).unwrap();
+        std::fs::write(store.path().join("other.toml"), "x").unwrap();
+        assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
+        std::fs::write(&target, "uri = \"test:///default\"\n").unwrap();
+        let event = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(event, Event::ConfigChanged);
     }
 }

@@ -186,6 +186,25 @@ fn finds_the_real_emulator_and_never_itself() {
     assert_eq!(output.stdout, version);
     assert!(output.stderr.is_empty());
 
+    // A binary of that name before the wrapper's entry never runs, even when nothing
+    // comes after the wrapper: the default (the real QEMU) does.
+    let early = dir.path().join("early");
+    fs::create_dir(&early).unwrap();
+    let early_out = dir.path().join("early-argv");
+    let early_recorder = recording_emulator(&early, &early_out);
+    fs::rename(&early_recorder, early.join("qemu-system-x86_64")).unwrap();
+    let mut command = Command::new(&link);
+    command
+        .arg("-version")
+        .env_clear()
+        .env("PATH", format!("{}:{}", early.display(), bin.display()))
+        .env("USBPASS_WRAPPER_CONFIG", "/nonexistent");
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!early_out.exists(), "the emulator before the wrapper ran");
+    assert_eq!(output.stdout, version);
+    assert!(output.stderr.is_empty(), "{output:?}");
+
     // USBPASS_QEMU naming the wrapper (through a symlink) is refused with a warning,
     // and the search goes on instead of looping.
     let output = run(

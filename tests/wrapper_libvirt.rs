@@ -149,18 +149,23 @@ fn wrapper_as_libvirt_emulator() {
     fs::copy(WRAPPER, &emulator).unwrap();
     let sysfs = dir.path().join("sys");
     fake_sysfs(&sysfs, &[&RECEIVER, &KEYBOARD]);
-    let rules = dir.path().join("usbpass.toml");
-    fs::write(
-        &rules,
-        "[[rule]]\nname = \"kbd\"\nid = \"0627:0001\"\nvm = \"lab\"\nreconnect = \"port\"\n\n\
-         [[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"lab\"\n",
-    )
-    .unwrap();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
     let domain = format!("usbpass-test-wrapper-{}-{nanos}", std::process::id());
+    // The rules are for this domain; a rule for another VM comes first and names the
+    // keyboard too, with another mode: it must not count for this guest.
+    let rules = dir.path().join("usbpass.toml");
+    fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nname = \"kbd-other\"\nid = \"0627:0001\"\nvm = \"other\"\nreconnect = \"id\"\n\n\
+             [[rule]]\nname = \"kbd\"\nid = \"0627:0001\"\nvm = [\"other\", \"{domain}\"]\nreconnect = \"port\"\n\n\
+             [[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"{domain}\"\n"
+        ),
+    )
+    .unwrap();
     let _cleanup = Cleanup {
         domain: domain.clone(),
         emulator: emulator.clone(),

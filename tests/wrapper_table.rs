@@ -17,6 +17,12 @@ struct Case {
     env: BTreeMap<String, String>,
     rules: Option<String>,
     sysfs: Option<String>,
+    /// Words of the recorded argv replaced before the run (e.g. another `-name` form).
+    #[serde(default)]
+    argv_edits: BTreeMap<usize, String>,
+    /// Texts the wrapper's stderr must hold.
+    #[serde(default)]
+    stderr_contains: Vec<String>,
     rewrites: BTreeMap<usize, String>,
     warnings: usize,
 }
@@ -43,7 +49,10 @@ fn recorded_libvirt_command_lines() {
         }
         let out = dir.path().join("argv");
         let recorder = recording_emulator(dir.path(), &out);
-        let input = read_argv(&data_dir().join(&case.argv));
+        let mut input = read_argv(&data_dir().join(&case.argv));
+        for (index, value) in &case.argv_edits {
+            input[*index] = value.into();
+        }
         let mut env: Vec<(&str, OsString)> = vec![
             ("USBPASS_QEMU", recorder.clone().into()),
             ("USBPASS_SYSFS_ROOT", sysfs.into()),
@@ -88,6 +97,10 @@ fn recorded_libvirt_command_lines() {
             case.name,
             String::from_utf8_lossy(&output.stderr)
         );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        for text in &case.stderr_contains {
+            assert!(stderr.contains(text.as_str()), "{}: {stderr}", case.name);
+        }
     }
 }
 

@@ -177,21 +177,35 @@ fn find_emulator(
     let name = Path::new(argv0).file_name();
     if let (Some(name), Some(path_var)) = (name, path_var) {
         if name != OsStr::new(WRAPPER_NAME) {
-            let candidates: Vec<PathBuf> = std::env::split_paths(path_var)
-                .filter(|dir| dir.is_absolute())
-                .map(|dir| dir.join(name))
+            let folders: Vec<PathBuf> = std::env::split_paths(path_var)
+                .filter(|folder| folder.is_absolute())
                 .collect();
-            // "Past the wrapper": start after the PATH entry that is the wrapper, when
-            // there is one, and only then look at the entries before it.
-            let start = candidates
-                .iter()
-                .position(|c| is_self(c))
-                .map_or(0, |p| p + 1);
-            let ordered = candidates[start..].iter().chain(&candidates[..start]);
-            for candidate in ordered {
-                if !is_self(candidate) && is_executable_file(candidate) {
-                    return Some(candidate.clone());
+            // The wrapper's own entry: the first folder where argv[0]'s name is the
+            // wrapper, or argv[0]'s own folder when the wrapper cannot know itself.
+            let own_folder = Path::new(argv0)
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .and_then(identity);
+            let own_entry = folders.iter().position(|folder| {
+                is_self(&folder.join(name))
+                    || own_folder.is_some_and(|own| identity(folder) == Some(own))
+            });
+            // "Past the wrapper" only: an entry before it would shadow the wrapper for
+            // anyone looking the name up, so it is not the binary the wrapper stands in
+            // for, and wrapping around to it could pick another wrapper.
+            match own_entry {
+                Some(position) => {
+                    for folder in &folders[position + 1..] {
+                        let candidate = folder.join(name);
+                        if !is_self(&candidate) && is_executable_file(&candidate) {
+                            return Some(candidate);
+                        }
+                    }
                 }
+                None => warnings.push(format!(
+                    "{} is not on PATH, so no PATH entry is past it; falling back to the default emulator",
+                    Path::new(argv0).display()
+                )),
             }
         }
     }
@@ -218,6 +232,9 @@ struct Policy {
     sysfs: SysfsUsb,
     rules: Rules,
     explicit_mode: Option<DefaultMode>,
+    /// This guest's name from `-name`; `None` when the command line has none.
+    guest: Option<String>,
+    /// The guest's name for messages.
     vm: String,
     warnings: Vec<String>,
     /// What each decision was based on, by argument, for the info line.
@@ -262,14 +279,30 @@ impl Policy {
         }
     }
 
+    /// The first rule naming both this device and this guest decides; a rule for another
+    /// VM must not set this guest's mode. Without a guest name every rule counts (as the
+    /// daemon's first-match would), and the note says so.
     fn mode_for(&mut self, device: Option<&UsbDevice>) -> (DefaultMode, String) {
+        let guest = self.guest.clone();
+        let unfiltered = match (&guest, self.rules()) {
+            (None, Some(_)) => " (no guest name on the command line: rules for every vm count)",
+            _ => "",
+        };
         if let Some(device) = device {
-            if let Some(rule) = self.rules().and_then(|c| c.first_match(device)) {
+            let rule = self.rules().and_then(|config| {
+                config.rules.iter().find(|rule| {
+                    guest
+                        .as_ref()
+                        .is_none_or(|guest| rule.vms.iter().any(|vm| vm == guest))
+                        && rule.matches(device)
+                })
+            });
+            if let Some(rule) = rule {
                 let mode = match rule.reconnect {
                     ReconnectMode::Id => DefaultMode::Id,
                     ReconnectMode::Port => DefaultMode::Port,
                 };
-                return (mode, format!("rule={}", rule.name));
+                return (mode, format!("rule={}{unfiltered}", rule.name));
             }
         }
         let mode = self.default_mode();
@@ -278,7 +311,7 @@ impl Policy {
         } else {
             "default"
         };
-        (mode, format!("rule=none from={source}"))
+        (mode, format!("rule=none from={source}{unfiltered}"))
     }
 
     fn decide(&mut self, selector: &Selector) -> Decision {
@@ -382,7 +415,8 @@ fn plan(
         Path::new(DEFAULT_EMULATOR),
         &mut warnings,
     );
-    let vm = qemu_args::guest_name(&rest).unwrap_or_else(|| "<unnamed>".to_string());
+    let guest = qemu_args::guest_name(&rest);
+    let vm = guest.clone().unwrap_or_else(|| "<unnamed>".to_string());
     for warning in warnings.drain(..) {
         log("warning", &format!("vm {vm}: {warning}"));
     }
@@ -396,6 +430,7 @@ fn plan(
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
         ),
         explicit_mode: settings.mode,
+        guest,
         vm: vm.clone(),
         warnings: Vec::new(),
         notes: Vec::new(),
@@ -620,6 +655,72 @@ mod tests {
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
+
+        // Nothing past the wrapper's entry: the entry before it does not count (no
+        // wrap-around); the default runs.
+        let wrapper_last = std::env::join_paths([&first, &wrapper_dir]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&wrapper_last),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+
+        // Another symlink to the wrapper past its entry is skipped, never exec'd.
+        let second_link = dir.path().join("d");
+        fs::create_dir(&second_link).unwrap();
+        std::os::unix::fs::symlink(&wrapper, second_link.join("qemu-kvm")).unwrap();
+        let twice = std::env::join_paths([&first, &wrapper_dir, &second_link, &later]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&twice),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found, Some(later.join("qemu-kvm")));
+        let twice_last = std::env::join_paths([&first, &wrapper_dir, &second_link]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&twice_last),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+
+        // The wrapper's folder is not on PATH: nothing is past it, so no PATH entry
+        // counts; the default runs and a warning says why.
+        warnings.clear();
+        let elsewhere = std::env::join_paths([&first, &later]).unwrap();
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&elsewhere),
+            me,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found.as_deref(), Some(default));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("not on PATH"), "{warnings:?}");
+
+        // Without the wrapper's identity (no /proc/self/exe), argv[0]'s folder still
+        // marks its entry.
+        let found = find_emulator(
+            &Settings::default(),
+            argv0.as_os_str(),
+            Some(&path_var),
+            None,
+            default,
+            &mut warnings,
+        );
+        assert_eq!(found, Some(later.join("qemu-kvm")));
 
         // The default is the wrapper: nothing to run.
         let found = find_emulator(
