@@ -602,14 +602,18 @@ mod tests {
         let argv0 = wrapper_dir.join("qemu-kvm");
         let default = Path::new("/nonexistent/qemu");
         let mut warnings = Vec::new();
+        let search = |settings: &Settings,
+                      argv0: &OsStr,
+                      path_var: Option<&OsStr>,
+                      warnings: &mut Vec<String>| {
+            find_emulator(settings, argv0, path_var, me, default, warnings)
+        };
 
         // PATH: the entry past the wrapper wins over the one before it.
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             argv0.as_os_str(),
             Some(&path_var),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found, Some(later.join("qemu-kvm")));
@@ -619,12 +623,10 @@ mod tests {
             emulator: Some(first.join("qemu-kvm")),
             ..Settings::default()
         };
-        let found = find_emulator(
+        let found = search(
             &configured,
             argv0.as_os_str(),
             Some(&path_var),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found, Some(first.join("qemu-kvm")));
@@ -632,26 +634,17 @@ mod tests {
             emulator: Some(wrapper_dir.join("qemu-kvm")),
             ..Settings::default()
         };
-        let found = find_emulator(
-            &looping,
-            argv0.as_os_str(),
-            Some(&path_var),
-            me,
-            default,
-            &mut warnings,
-        );
+        let found = search(&looping, argv0.as_os_str(), Some(&path_var), &mut warnings);
         assert_eq!(found, Some(later.join("qemu-kvm")));
         assert!(warnings
             .iter()
             .any(|w| w.contains("is usbpass-qemu itself")));
 
         // Called by its own name: no PATH search, the default.
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             wrapper.as_os_str(),
             Some(&path_var),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
@@ -659,12 +652,10 @@ mod tests {
         // Nothing past the wrapper's entry: the entry before it does not count (no
         // wrap-around); the default runs.
         let wrapper_last = std::env::join_paths([&first, &wrapper_dir]).unwrap();
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             argv0.as_os_str(),
             Some(&wrapper_last),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
@@ -674,22 +665,18 @@ mod tests {
         fs::create_dir(&second_link).unwrap();
         std::os::unix::fs::symlink(&wrapper, second_link.join("qemu-kvm")).unwrap();
         let twice = std::env::join_paths([&first, &wrapper_dir, &second_link, &later]).unwrap();
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             argv0.as_os_str(),
             Some(&twice),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found, Some(later.join("qemu-kvm")));
         let twice_last = std::env::join_paths([&first, &wrapper_dir, &second_link]).unwrap();
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             argv0.as_os_str(),
             Some(&twice_last),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
@@ -698,12 +685,10 @@ mod tests {
         // counts; the default runs and a warning says why.
         warnings.clear();
         let elsewhere = std::env::join_paths([&first, &later]).unwrap();
-        let found = find_emulator(
+        let found = search(
             &Settings::default(),
             argv0.as_os_str(),
             Some(&elsewhere),
-            me,
-            default,
             &mut warnings,
         );
         assert_eq!(found.as_deref(), Some(default));
