@@ -14,10 +14,14 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 # Build: libvirt, libudev and pkg-config for the -sys crates, gcc for linking.
 # Run: libvirt's daemon, QEMU driver and clients, QEMU itself, udev.
-apt-get install -y -q --no-install-recommends \
-    ca-certificates curl gcc libc6-dev pkg-config libvirt-dev libudev-dev \
-    libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients \
-    qemu-system-x86 udev kmod
+packages="ca-certificates curl gcc libc6-dev pkg-config libvirt-dev libudev-dev
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 udev kmod"
+if [ -d /run/systemd/system ]; then
+    # The systemd units for libvirtd/virtqemud, the libvirt-qemu user, polkit rules.
+    packages="$packages libvirt-daemon-system"
+fi
+# shellcheck disable=SC2086
+apt-get install -y -q $packages
 
 if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
@@ -56,7 +60,11 @@ if [ -d /run/systemd/system ]; then
     systemctl --no-pager --lines=5 status usbpass.service
 else
     # No systemd (a container or a CI machine): start libvirt's daemons and usbpass by
-    # hand. The host's libvirt configuration is left as it is.
+    # hand. The host's libvirt configuration is left as it is. libvirtd's QEMU driver
+    # refuses to start without its user and group, which libvirt-daemon-system (not
+    # installed here: it expects systemd) would have created.
+    getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
     install -d -m 0755 /var/log/libvirt /var/lib/libvirt/qemu /run/libvirt
     pgrep -x virtlogd >/dev/null || virtlogd -d
     pgrep -x libvirtd >/dev/null || libvirtd -d
