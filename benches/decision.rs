@@ -105,7 +105,12 @@ fn main() {
 
         let devnum = 2 + (plug % 120) as u16;
         let sent = Instant::now();
-        sender.send(Event::DeviceAdded(device(devnum))).unwrap();
+        sender
+            .send(Event::DeviceAdded {
+                device: device(devnum),
+                received: sent,
+            })
+            .unwrap();
         let called = wait_for(&world, plug + 1);
         decisions.push(called.duration_since(sent));
         // Unplug, so the next plug is a fresh attach.

@@ -122,8 +122,12 @@ pub struct Daemon<C: Connector, S: DeviceSource> {
     ready_after_converge: bool,
     next_reconnect: Option<Instant>,
     failures: HashMap<(String, String), Failure>,
-    /// When the loop received the event it is acting on: decision times count from here.
+    /// When the loop received the event it is acting on: decision times count from here,
     woke_at: Instant,
+    /// or, for a device whose udev event is in this wake's batch, from when the monitor
+    /// received that event. Cleared at every wake: a device plugged while its VM was
+    /// off is attached because the VM started, and counts from that event.
+    device_hints: HashMap<BusAddress, Instant>,
     next_watchdog: Option<Instant>,
     started_at: u64,
     last_plan: Plan,
@@ -161,6 +165,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             next_reconnect: Some(Instant::now()),
             failures: HashMap::new(),
             woke_at: Instant::now(),
+            device_hints: HashMap::new(),
             next_watchdog: None,
             started_at: unix_now(),
             last_plan: Plan::default(),
@@ -193,6 +198,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 }
             };
             self.woke_at = Instant::now();
+            self.device_hints.clear();
             let mut stop = self.handle(event)?;
             // Coalesce a burst (a hub full of devices, an editor's several writes)
             // into one reconcile.
@@ -217,6 +223,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
 
     fn on_timeout(&mut self) {
         self.woke_at = Instant::now();
+        self.device_hints.clear();
         self.ping_watchdog_if_due();
         if self.next_deadline().is_some_and(|at| at <= Instant::now()) {
             self.converge();
@@ -253,8 +260,9 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     fn handle(&mut self, event: Event) -> Result<bool, DaemonError> {
         log::debug!("event {event:?}");
         match event {
-            Event::DeviceAdded(device) => {
+            Event::DeviceAdded { device, received } => {
                 let address = device.address();
+                self.device_hints.insert(address, received);
                 self.forget_failures_of_device(address);
                 if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
                     if old.address() != address {
@@ -524,7 +532,12 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 alias,
                 rule,
             } => {
-                let decision_us = started.saturating_duration_since(self.woke_at).as_micros();
+                let cause = self
+                    .device_hints
+                    .get(&device.address())
+                    .copied()
+                    .unwrap_or(self.woke_at);
+                let decision_us = started.saturating_duration_since(cause).as_micros();
                 let result =
                     match hostdev_xml::build_usb_hostdev(device.id(), device.address(), alias) {
                         Ok(xml) => hypervisor.attach(domain, &device.to_string(), &xml),
@@ -826,13 +839,19 @@ vm = ["win11", "fedora"]
     #[test]
     fn plug_attaches_once_and_unplug_detaches() {
         let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
-        harness.send_and_settle(Event::DeviceAdded(receiver(5)));
+        harness.send_and_settle(Event::DeviceAdded {
+            device: receiver(5),
+            received: Instant::now(),
+        });
         assert_eq!(
             harness.world.lock().aliases_in("win11"),
             ["ua-usbpass-1-5-046d-c52b"]
         );
         // More hints change nothing: the world already matches the rules.
-        harness.send_and_settle(Event::DeviceAdded(receiver(5)));
+        harness.send_and_settle(Event::DeviceAdded {
+            device: receiver(5),
+            received: Instant::now(),
+        });
         assert_eq!(harness.world.lock().attaches().len(), 1);
         let state = harness.state();
         assert_eq!(state.devices[0].holders[0].domain, "win11");
@@ -856,7 +875,10 @@ vm = ["win11", "fedora"]
         harness.wait_until("the first attach", |w| w.attaches().len() == 1);
         // The kernel reuses the sysfs path (same port) with a new device number, and
         // the remove event was missed.
-        harness.send_and_settle(Event::DeviceAdded(receiver(6)));
+        harness.send_and_settle(Event::DeviceAdded {
+            device: receiver(6),
+            received: Instant::now(),
+        });
         assert_eq!(
             harness.world.lock().aliases_in("win11"),
             ["ua-usbpass-1-6-046d-c52b"]
@@ -945,7 +967,10 @@ vm = ["win11", "fedora"]
             w.calls.iter().filter(|c| **c == Call::Connect).count() >= 2
         });
         // While disconnected, a plug is remembered.
-        harness.send(Event::DeviceAdded(receiver(5)));
+        harness.send(Event::DeviceAdded {
+            device: receiver(5),
+            received: Instant::now(),
+        });
         harness.world.lock().refuse_connections = false;
         harness.wait_until("reconnect and attach", |w| w.aliases_in("win11").len() == 1);
         let connects = harness.count(|c| *c == Call::Connect);
@@ -1009,7 +1034,10 @@ vm = ["win11", "fedora"]
             .world
             .lock()
             .fail_every_call(Some(FailureKind::Other));
-        harness.send(Event::DeviceAdded(receiver(5)));
+        harness.send(Event::DeviceAdded {
+            device: receiver(5),
+            received: Instant::now(),
+        });
         // Backoff 0.5 s, 1 s, ...: in 1.2 s at most a handful of calls, not thousands.
         std::thread::sleep(Duration::from_millis(1200));
         let calls = harness.world.lock().calls.len();

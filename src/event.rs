@@ -1,6 +1,7 @@
 //! The one closed `Event` enum: everything that can wake the daemon's loop.
 
 use crate::device::UsbDevice;
+use std::time::Instant;
 
 /// What happened to a domain, as far as placement cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,8 +15,13 @@ pub enum DomainChange {
 /// Events are hints: each one only makes the loop reconcile again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// udev `add`, `bind` or `change` of a `usb_device`.
-    DeviceAdded(UsbDevice),
+    /// udev `add`, `bind` or `change` of a `usb_device`. `received` is when the monitor
+    /// read it off udev's socket: decision times count from there, so that time spent
+    /// queued behind other work is not hidden.
+    DeviceAdded {
+        device: UsbDevice,
+        received: Instant,
+    },
     /// udev `remove`. sysfs is gone by now, so only the path and numbers are known.
     DeviceRemoved { syspath: String },
     /// A domain lifecycle event.

@@ -231,7 +231,10 @@ impl MonitorState {
                 match usb_device_from_udev(event) {
                     Some(device) => {
                         self.known.insert(device.syspath.clone());
-                        self.send(Event::DeviceAdded(device))
+                        self.send(Event::DeviceAdded {
+                            device,
+                            received: std::time::Instant::now(),
+                        })
                     }
                     None => Ok(()),
                 }
@@ -271,7 +274,10 @@ impl MonitorState {
             })?;
         }
         for device in present {
-            self.send(Event::DeviceAdded(device))?;
+            self.send(Event::DeviceAdded {
+                device,
+                received: std::time::Instant::now(),
+            })?;
         }
         self.known = present_paths;
         Ok(())

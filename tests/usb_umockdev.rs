@@ -420,10 +420,32 @@ fn monitor_turns_uevents_into_events() {
     );
 }
 
+/// The next event, with the time a `DeviceAdded` was received zeroed out of the way:
+/// the tests compare what was seen, not when.
 fn next_event(events: &mpsc::Receiver<Event>, waiting_for: &str) -> Event {
-    events
+    let event = events
         .recv_timeout(EVENT_DEADLINE)
-        .unwrap_or_else(|error| panic!("no event while waiting for {waiting_for}: {error}"))
+        .unwrap_or_else(|error| panic!("no event while waiting for {waiting_for}: {error}"));
+    match event {
+        Event::DeviceAdded { device, received } => {
+            assert!(received <= std::time::Instant::now());
+            Event::DeviceAdded {
+                device,
+                received: *EPOCH,
+            }
+        }
+        other => other,
+    }
+}
+
+static EPOCH: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+fn added(device: UsbDevice) -> Event {
+    Event::DeviceAdded {
+        device,
+        received: *EPOCH,
+    }
 }
 
 #[test]
@@ -448,7 +470,7 @@ fn inner_monitor_turns_uevents_into_events() {
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.3"), "add");
     assert_eq!(
         next_event(&events, "add of the receiver"),
-        Event::DeviceAdded(by_port("1-2.3"))
+        added(by_port("1-2.3"))
     );
 
     // Interfaces, the controller, unbind and a device without identity are not
@@ -460,20 +482,20 @@ fn inner_monitor_turns_uevents_into_events() {
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.2"), "bind");
     assert_eq!(
         next_event(&events, "bind of the second serial adapter"),
-        Event::DeviceAdded(by_port("1-2.2"))
+        added(by_port("1-2.2"))
     );
 
     // The keyboard has no ID_USB_INTERFACES: the monitor reads its interface children too.
     testbed.uevent(&format!("{xhci}/usb1/1-1"), "change");
     assert_eq!(
         next_event(&events, "change of the keyboard"),
-        Event::DeviceAdded(by_port("1-1"))
+        added(by_port("1-1"))
     );
 
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.4"), "add");
     assert_eq!(
         next_event(&events, "add of the hostile device"),
-        Event::DeviceAdded(by_port("1-2.4"))
+        added(by_port("1-2.4"))
     );
 
     // umockdev 0.17 (Debian 12) sends no uevent from remove_device, 0.18.4 and later do:
