@@ -353,10 +353,7 @@ fn build_matcher(raw: &RawRule, name: &str) -> Result<Matcher, SpannedError> {
     }
     if let Some(hub) = &raw.hub {
         let hub_name = hub.get_ref();
-        let root_hub = hub_name
-            .strip_prefix("usb")
-            .is_some_and(|bus| !bus.is_empty() && bus.bytes().all(|b| b.is_ascii_digit()));
-        if !root_hub && !is_port_path(hub_name) {
+        if !is_root_hub_name(hub_name) && !is_port_path(hub_name) {
             return Err((
                 hub.span(),
                 format!(
@@ -437,6 +434,12 @@ fn parse_class(text: &str) -> Result<ClassPattern, String> {
         subclass: values[1],
         protocol: values[2],
     })
+}
+
+/// `usbN`, as the kernel names a root hub in sysfs.
+pub fn is_root_hub_name(text: &str) -> bool {
+    text.strip_prefix("usb")
+        .is_some_and(|bus| !bus.is_empty() && bus.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `BUS-PORT[.PORT]...`, as the kernel names USB devices in sysfs.

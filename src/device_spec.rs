@@ -144,15 +144,9 @@ fn parse_id(text: &str) -> Option<UsbId> {
 }
 
 /// The kernel's name of a USB device: `usbN` for a root hub, `B-P[.P...]` below it.
+/// The same names the rules file's `port` and `hub` keys accept.
 pub fn is_port_path(text: &str) -> bool {
-    let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
-    if let Some(bus) = text.strip_prefix("usb") {
-        return digits(bus);
-    }
-    match text.split_once('-') {
-        Some((bus, ports)) => digits(bus) && ports.split('.').all(digits),
-        None => false,
-    }
+    crate::config::is_root_hub_name(text) || crate::config::is_port_path(text)
 }
 
 pub fn find_by_address(devices: &[UsbDevice], address: BusAddress) -> Option<&UsbDevice> {
