@@ -177,20 +177,8 @@ where
 {
     let mut out: Vec<OsString> = args.to_vec();
     let mut outcomes = Vec::new();
-    let mut index = 0;
-    while index < args.len() {
-        let Some(name) = option_name(args[index].as_bytes()) else {
-            index += 1;
-            continue;
-        };
-        if !takes_value(name) {
-            index += 1;
-            continue;
-        }
-        let value_index = index + 1;
-        let Some(value) = args.get(value_index) else {
-            break;
-        };
+    for (name, value_index) in options_with_values(args) {
+        let value = &args[value_index];
         let form = match name {
             b"device" => Some(if value.as_bytes().first() == Some(&b'{') {
                 ArgForm::Json
@@ -208,41 +196,56 @@ where
                 outcomes.push(outcome);
             }
         }
-        index = value_index + 1;
     }
     (out, outcomes)
 }
 
 /// The guest name from `-name guest=NAME,...` (or `-name NAME`), for log lines.
 pub fn guest_name(args: &[OsString]) -> Option<String> {
+    // The last -name decides.
+    options_with_values(args)
+        .filter(|(name, _)| *name == b"name")
+        .map(|(_, value_index)| {
+            let elements = split_keyval(args[value_index].as_bytes());
+            elements.iter().enumerate().find_map(|(position, element)| {
+                if let Some(guest) = element.strip_prefix(b"guest=") {
+                    Some(lossy(&unescape_keyval(guest)))
+                } else if position == 0 && !element.contains(&b'=') {
+                    Some(lossy(&unescape_keyval(element)))
+                } else {
+                    None
+                }
+            })
+        })
+        .last()
+        .flatten()
+}
+
+/// Every option that takes a value, as (its name, the index of its value), in order.
+/// Positional words and options without a value are stepped over; an option left
+/// without its value at the end ends the walk. A value is never read as an option.
+fn options_with_values(args: &[OsString]) -> impl Iterator<Item = (&[u8], usize)> {
     let mut index = 0;
-    let mut found = None;
-    while index < args.len() {
-        let Some(name) = option_name(args[index].as_bytes()) else {
-            index += 1;
-            continue;
-        };
-        if !takes_value(name) {
-            index += 1;
-            continue;
-        }
-        if name == b"name" {
-            if let Some(value) = args.get(index + 1) {
-                let elements = split_keyval(value.as_bytes());
-                found = elements.iter().enumerate().find_map(|(position, element)| {
-                    if let Some(guest) = element.strip_prefix(b"guest=") {
-                        Some(lossy(&unescape_keyval(guest)))
-                    } else if position == 0 && !element.contains(&b'=') {
-                        Some(lossy(&unescape_keyval(element)))
-                    } else {
-                        None
-                    }
-                });
+    std::iter::from_fn(move || {
+        while index < args.len() {
+            let Some(name) = option_name(args[index].as_bytes()) else {
+                index += 1;
+                continue;
+            };
+            if !takes_value(name) {
+                index += 1;
+                continue;
             }
+            let value_index = index + 1;
+            if value_index >= args.len() {
+                index = args.len();
+                return None;
+            }
+            index = value_index + 1;
+            return Some((name, value_index));
         }
-        index += 2;
-    }
-    found
+        None
+    })
 }
 
 /// Rewrites one option value; `None` when it is no usb-host argument with a selector to
