@@ -7,7 +7,7 @@ mod wrapper_common;
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::symlink;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,7 +21,7 @@ fn inspecting_emulator(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("inspect");
     // The signal state is read first and with builtins only: dash blocks every signal
     // around each fork, so a child reading /proc/$$/status would see that mask instead.
-    fs::write(
+    write_executable(
         &path,
         "#!/bin/sh\n\
          echo \"pid $$\"\n\
@@ -30,9 +30,7 @@ fn inspecting_emulator(dir: &Path) -> std::path::PathBuf {
          done < /proc/$$/status\n\
          echo \"fd5 $(readlink /proc/$$/fd/5)\"\n\
          echo env; tr '\\0' '\\n' < /proc/$$/environ | sort\n",
-    )
-    .unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     path
 }
 
@@ -74,7 +72,7 @@ fn run_inspected(
             Ok(())
         });
     }
-    let child = command.spawn().unwrap();
+    let child = spawn(&mut command);
     let pid = child.id();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
@@ -139,7 +137,7 @@ fn run(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> std::process::Ou
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().unwrap()
+    run_output(&mut command)
 }
 
 #[test]
@@ -181,7 +179,7 @@ fn finds_the_real_emulator_and_never_itself() {
         .env_clear()
         .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
         .env("USBPASS_WRAPPER_CONFIG", "/nonexistent");
-    let output = command.output().unwrap();
+    let output = run_output(&mut command);
     assert!(output.status.success(), "{output:?}");
     assert_eq!(output.stdout, version);
     assert!(output.stderr.is_empty());
@@ -199,7 +197,7 @@ fn finds_the_real_emulator_and_never_itself() {
         .env_clear()
         .env("PATH", format!("{}:{}", early.display(), bin.display()))
         .env("USBPASS_WRAPPER_CONFIG", "/nonexistent");
-    let output = command.output().unwrap();
+    let output = run_output(&mut command);
     assert!(output.status.success(), "{output:?}");
     assert!(!early_out.exists(), "the emulator before the wrapper ran");
     assert_eq!(output.stdout, version);

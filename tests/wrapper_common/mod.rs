@@ -7,7 +7,8 @@ use std::fs;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::sync::RwLock;
 
 pub const WRAPPER: &str = env!("CARGO_BIN_EXE_usbpass-qemu");
 
@@ -69,18 +70,50 @@ pub fn fake_sysfs(root: &Path, devices: &[&FakeDevice]) {
     }
 }
 
+/// Script writes and forks must not overlap. A child forked by another test thread
+/// while a new script is still open for writing keeps that descriptor until it execs,
+/// and exec'ing the script in that window fails with ETXTBSY ("Text file busy").
+/// Writers take the lock exclusively; spawns share it until the child has exec'd
+/// (`Command::spawn` returns only then).
+static FORK_GUARD: RwLock<()> = RwLock::new(());
+
+/// Writes an executable script with no child being forked meanwhile.
+pub fn write_executable(path: &Path, text: &str) {
+    let _guard = FORK_GUARD
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `Command::spawn`, never while a script is being written.
+pub fn spawn(command: &mut Command) -> Child {
+    let _guard = FORK_GUARD
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    command.spawn().unwrap()
+}
+
+/// `Command::output`, never forking while a script is being written.
+pub fn run_output(command: &mut Command) -> Output {
+    // As `Command::output` does: no stdin, both outputs captured.
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    spawn(command).wait_with_output().unwrap()
+}
+
 /// A stand-in emulator that writes its argv, NUL-separated, to `out` and exits 0.
 pub fn recording_emulator(dir: &Path, out: &Path) -> PathBuf {
     let path = dir.join("recorder");
-    fs::write(
+    write_executable(
         &path,
-        format!(
+        &format!(
             "#!/bin/sh\nprintf '%s\\0' \"$0\" \"$@\" > '{}'\n",
             out.display()
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     path
 }
 
@@ -107,7 +140,7 @@ pub fn run_wrapper(argv: &[OsString], env: &[(&str, OsString)]) -> Output {
     for (key, value) in env {
         command.env(key, value);
     }
-    command.output().unwrap()
+    run_output(&mut command)
 }
 
 /// True when `CI` is set: tests whose prerequisite is missing must fail, not skip.
