@@ -559,22 +559,23 @@ fn resolve_device(spec: &str) -> Result<(UsbDevice, Vec<UsbDevice>)> {
     Ok((device, devices))
 }
 
-fn edit_rules_file(
-    config_path: &Path,
-    edit: impl FnOnce(&str) -> Result<rules_edit::Edit, rules_edit::RulesEditError>,
-) -> Result<ExitCode> {
-    let text = match std::fs::read_to_string(config_path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(ConfigError::ReadFile {
-                path: config_path.to_path_buf(),
-                source,
-            }
-            .into())
+/// The rules file's text; a missing file reads as empty when `missing_is_empty`.
+fn read_rules_text(config_path: &Path, missing_is_empty: bool) -> Result<String> {
+    match std::fs::read_to_string(config_path) {
+        Ok(text) => Ok(text),
+        Err(error) if missing_is_empty && error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(String::new())
         }
-    };
-    let edit = edit(&text)?;
+        Err(source) => Err(ConfigError::ReadFile {
+            path: config_path.to_path_buf(),
+            source,
+        }
+        .into()),
+    }
+}
+
+/// Replaces the rules file with an edit's text (already validated) and says what changed.
+fn write_rules_edit(config_path: &Path, edit: rules_edit::Edit) -> Result<ExitCode> {
     atomic_file::write(
         config_path,
         edit.text.as_bytes(),
@@ -587,26 +588,25 @@ fn edit_rules_file(
 
 fn assign(config_path: &Path, spec: &str, vm: &str, by: AssignBy) -> Result<ExitCode> {
     let (device, _) = resolve_device(spec)?;
-    edit_rules_file(config_path, |text| {
-        rules_edit::assign(text, config_path, &device, vm, by)
-    })
+    let text = read_rules_text(config_path, true)?;
+    let edit = rules_edit::assign(&text, config_path, &device, vm, by)?;
+    write_rules_edit(config_path, edit)
 }
 
 fn unassign(config_path: &Path, target: &str) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(config_path).map_err(|source| ConfigError::ReadFile {
-        path: config_path.to_path_buf(),
-        source,
-    })?;
+    let text = read_rules_text(config_path, false)?;
     let config = Config::parse(&text, config_path)?;
-    if config.rules.iter().any(|rule| rule.name == target) {
-        return edit_rules_file(config_path, |text| {
-            rules_edit::unassign(text, config_path, UnassignTarget::Rule(target))
-        });
-    }
-    let (device, devices) = resolve_device(target)?;
-    edit_rules_file(config_path, |text| {
-        rules_edit::unassign(text, config_path, UnassignTarget::Device(&device, &devices))
-    })
+    let edit = if config.rules.iter().any(|rule| rule.name == target) {
+        rules_edit::unassign(&text, config_path, UnassignTarget::Rule(target))?
+    } else {
+        let (device, devices) = resolve_device(target)?;
+        rules_edit::unassign(
+            &text,
+            config_path,
+            UnassignTarget::Device(&device, &devices),
+        )?
+    };
+    write_rules_edit(config_path, edit)
 }
 
 fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode> {
