@@ -503,6 +503,14 @@ def start_domain(lv, name, attempts=3):
     raise Fail(f"could not start {name}: {last}")
 
 
+def ensure_running(lv, *names):
+    """Start whichever of these domains is not running (an earlier scenario may have
+    left one stopped)."""
+    for name in names:
+        if not lv.is_active(name):
+            start_domain(lv, name)
+
+
 def define_domain(lv, xml, name, attempts=3):
     last = None
     for attempt in range(1, attempts + 1):
@@ -883,9 +891,7 @@ def scenario_4(world, results):
 
 def scenario_5(world, results):
     world.daemon.start()
-    for domain in (GUEST1, GUEST2):
-        if not world.lv.is_active(domain):
-            start_domain(world.lv, domain)
+    ensure_running(world.lv, GUEST1, GUEST2)
     stick_a = world.usb.plug("stick", 2, serial="E2E-STICK-A")
     stick_b = world.usb.plug("stick", 3, serial="E2E-STICK-B")
     world.wait_in_guest(GUEST1, stick_a)
@@ -912,9 +918,7 @@ def scenario_6(world, results):
 
 def scenario_7(world, results):
     world.daemon.start()
-    for domain in (GUEST1, GUEST2):
-        if not world.lv.is_active(domain):
-            start_domain(world.lv, domain)
+    ensure_running(world.lv, GUEST1, GUEST2)
     tablet, _ = cycle_to_guest(world, "usbpass", "tablet", 7, GUEST1, serial="E2E-TAB-7")
     world.lv.destroy(GUEST1)
     moved = time.monotonic()
