@@ -9,11 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use usbpass::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use usbpass::daemon::{Connector, Daemon, DaemonError, DaemonOptions, DeviceSource};
+use usbpass::daemon::{Daemon, DaemonError, DaemonOptions, DeviceSource};
 use usbpass::device::UsbDevice;
 use usbpass::device_spec;
-use usbpass::event::Event;
-use usbpass::hypervisor::{DomainView, Hypervisor, HypervisorError, Ownership};
+use usbpass::hypervisor::{DomainView, Hypervisor, Ownership};
 use usbpass::reconcile::{self, manual_alias_for, Placement};
 use usbpass::rules_edit::{self, AssignBy, UnassignTarget};
 use usbpass::state::{DaemonState, DEFAULT_STATE_PATH};
@@ -194,22 +193,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-struct LibvirtConnector;
-
-impl Connector for LibvirtConnector {
-    type Hypervisor = libvirt::LibvirtHypervisor;
-    fn connect(
-        &mut self,
-        uri: &str,
-        events: mpsc::Sender<Event>,
-    ) -> Result<Self::Hypervisor, HypervisorError> {
-        libvirt::connect(uri, events).map_err(|error| HypervisorError::Connect {
-            uri: uri.to_string(),
-            message: error.to_string(),
-        })
-    }
-}
-
 struct UdevDevices;
 
 impl DeviceSource for UdevDevices {
@@ -241,7 +224,7 @@ fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode> {
         watchdog: notify::watchdog_interval(),
     };
     let mut daemon = Daemon::new(
-        LibvirtConnector,
+        libvirt::LibvirtConnector,
         UdevDevices,
         config,
         options,
@@ -270,8 +253,7 @@ fn load_config_for_reading(path: &Path) -> Result<Config> {
 /// Running domains, or `None` with a warning when libvirt does not answer: read
 /// commands still show what they can.
 fn running_domains(uri: &str) -> Option<Vec<DomainView>> {
-    let (sender, _receiver) = mpsc::channel();
-    let result = libvirt::connect(uri, sender)
+    let result = connect(uri)
         .map_err(|error| error.to_string())
         .and_then(|mut hypervisor| hypervisor.running_domains().map_err(|e| e.to_string()));
     match result {

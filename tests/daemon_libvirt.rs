@@ -7,33 +7,17 @@
 mod libvirt_env;
 
 use libvirt_env::{TestDomain, URI};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use usbpass::config::Config;
-use usbpass::daemon::{Connector, Daemon, DaemonOptions};
+use usbpass::daemon::{Daemon, DaemonOptions};
 use usbpass::device::UsbDevice;
 use usbpass::event::Event;
 use usbpass::fake_hypervisor::FixedDevices;
-use usbpass::hypervisor::{FailureKind, HypervisorError};
-use usbpass::libvirt::{self, LibvirtHypervisor};
+use usbpass::hypervisor::FailureKind;
+use usbpass::libvirt::LibvirtConnector;
 use usbpass::state::DaemonState;
-
-struct RealLibvirt;
-
-impl Connector for RealLibvirt {
-    type Hypervisor = LibvirtHypervisor;
-    fn connect(
-        &mut self,
-        uri: &str,
-        events: Sender<Event>,
-    ) -> Result<LibvirtHypervisor, HypervisorError> {
-        libvirt::connect(uri, events).map_err(|error| HypervisorError::Connect {
-            uri: uri.to_string(),
-            message: error.to_string(),
-        })
-    }
-}
 
 /// QEMU's emulated keyboard, as udev would describe it on a host that had one.
 fn keyboard() -> UsbDevice {
@@ -101,7 +85,7 @@ fn fallback_on_destroy_and_attach_errors_as_status_entries() {
     let state_path = directory.path().join("state.json");
     let (sender, receiver) = mpsc::channel();
     let mut daemon = Daemon::new(
-        RealLibvirt,
+        LibvirtConnector,
         FixedDevices(Arc::new(Mutex::new(vec![keyboard()]))),
         Config::load(&config_path).unwrap(),
         DaemonOptions {

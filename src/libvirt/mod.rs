@@ -6,6 +6,7 @@
 mod events;
 pub mod failure;
 
+use crate::daemon::Connector;
 use crate::event::Event;
 use crate::hostdev_xml::parse_usb_hostdevs;
 use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError, ALIAS_PREFIX};
@@ -151,6 +152,25 @@ pub fn connect(uri: &str, events: Sender<Event>) -> Result<LibvirtHypervisor, Li
         _registrations: registrations,
         connection,
     })
+}
+
+/// The daemon's way to (re)open connections: `connect`, with its error in the daemon's
+/// terms.
+pub struct LibvirtConnector;
+
+impl Connector for LibvirtConnector {
+    type Hypervisor = LibvirtHypervisor;
+
+    fn connect(
+        &mut self,
+        uri: &str,
+        events: Sender<Event>,
+    ) -> Result<LibvirtHypervisor, HypervisorError> {
+        connect(uri, events).map_err(|error| HypervisorError::Connect {
+            uri: uri.to_string(),
+            message: error.to_string(),
+        })
+    }
 }
 
 /// Whether libvirt at `uri` answers, for `usbpass status`. Read-only, so it works for
