@@ -8,11 +8,11 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use usbpass::config::Config;
 use usbpass::daemon::{Daemon, DaemonOptions};
-use usbpass::device::UsbDevice;
 use usbpass::event::Event;
-use usbpass::fake_hypervisor::{FakeConnector, FakeWorld, FixedDevices, SharedWorld};
+use usbpass::model::UsbDevice;
+use usbpass::rules::Config;
+use usbpass::testing::fake_hypervisor::{FakeConnector, FakeWorld, FixedDevices, SharedWorld};
 
 const PLUGS: usize = 1000;
 

@@ -6,10 +6,10 @@
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use usbpass::config::{Config, Matcher, ReconnectMode, Rule};
-use usbpass::device::UsbDevice;
 use usbpass::hypervisor::{DomainView, UsbHostdev};
+use usbpass::model::UsbDevice;
 use usbpass::reconcile::{alias_for, plan};
+use usbpass::rules::{Config, Matcher, ReconnectMode, Rule};
 
 const DEVICES: usize = 200;
 const VMS: usize = 50;

@@ -1,6 +1,6 @@
 //! The one closed `Event` enum: everything that can wake the daemon's loop.
 
-use crate::device::UsbDevice;
+use crate::model::UsbDevice;
 use std::time::Instant;
 
 /// What happened to a domain, as far as placement cares.

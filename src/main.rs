@@ -8,15 +8,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
-use usbpass::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use usbpass::cli::device_spec;
+use usbpass::daemon::state::{DaemonState, DEFAULT_STATE_PATH};
+use usbpass::daemon::{notify, watch};
 use usbpass::daemon::{Daemon, DaemonError, DaemonOptions, DeviceSource};
-use usbpass::device::UsbDevice;
-use usbpass::device_spec;
+use usbpass::host::udev as usb;
+use usbpass::hypervisor::libvirt::{self, xml as hostdev_xml};
 use usbpass::hypervisor::{DomainView, Hypervisor, Ownership};
+use usbpass::model::UsbDevice;
 use usbpass::reconcile::{self, manual_alias_for, Placement};
-use usbpass::rules_edit::{self, AssignBy, UnassignTarget};
-use usbpass::state::{DaemonState, DEFAULT_STATE_PATH};
-use usbpass::{atomic_file, hostdev_xml, libvirt, notify, usb, watch};
+use usbpass::rules::edit::{self as rules_edit, AssignBy, UnassignTarget};
+use usbpass::rules::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use usbpass::util::atomic_file;
 
 #[derive(Parser)]
 #[command(
@@ -86,7 +89,7 @@ enum Command {
     /// Print udev rules that let QEMU reopen the devices the rules name (for usbpass-qemu).
     UdevRules {
         /// The group QEMU runs as (`group =` in /etc/libvirt/qemu.conf).
-        #[arg(long, default_value = usbpass::udev_rules::DEFAULT_QEMU_GROUP)]
+        #[arg(long, default_value = usbpass::wrapper::udev_rules::DEFAULT_QEMU_GROUP)]
         group: String,
         /// Also make this user the owner of the device nodes.
         #[arg(long)]
@@ -179,15 +182,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::UdevRules { group, owner } => {
             let config = Config::load(&cli.config)?;
-            let access = usbpass::udev_rules::QemuAccess { group, owner };
+            let access = usbpass::wrapper::udev_rules::QemuAccess { group, owner };
             print!(
                 "{}",
-                usbpass::udev_rules::render_udev_rules(&config, &access)?
+                usbpass::wrapper::udev_rules::render_udev_rules(&config, &access)?
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::DefaultConfig => {
-            print!("{}", usbpass::config::DEFAULT_CONFIG_TEXT);
+            print!("{}", usbpass::rules::DEFAULT_CONFIG_TEXT);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -395,7 +398,7 @@ fn rules(config_path: &Path, json: bool) -> Result<ExitCode> {
     let devices = usb::enumerate()?;
     #[derive(serde::Serialize)]
     struct RuleNow<'a> {
-        rule: &'a usbpass::config::Rule,
+        rule: &'a usbpass::rules::Rule,
         /// Devices for which this is the first matching rule.
         devices: Vec<&'a UsbDevice>,
     }
@@ -437,7 +440,7 @@ fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitCode>
     let uri = config
         .as_ref()
         .map(|c| c.uri.clone())
-        .unwrap_or_else(|_| usbpass::config::DEFAULT_URI.to_string());
+        .unwrap_or_else(|_| usbpass::rules::DEFAULT_URI.to_string());
     let reachable = libvirt::is_reachable(&uri).map_err(|e| e.to_string());
     let state = DaemonState::read(state_path);
     let daemon_alive = state.as_ref().is_ok_and(|state| process_alive(state.pid));

@@ -2,9 +2,9 @@
 //! running VMs) with what the live XML shows, and returns the actions that close the
 //! gap. Pure: no I/O, no clock. Applying its actions and calling it again yields none.
 
-use crate::config::Config;
-use crate::device::{BusAddress, UsbDevice, UsbId};
 use crate::hypervisor::{DomainView, Ownership, UsbHostdev, ALIAS_PREFIX, MANUAL_ALIAS_PREFIX};
+use crate::model::{BusAddress, UsbDevice, UsbId};
+use crate::rules::Config;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -289,7 +289,7 @@ pub fn reconcile(config: &Config, devices: &[UsbDevice], domains: &[DomainView])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
+    use crate::model::fixtures::device;
     use std::path::Path;
 
     fn config(text: &str) -> Config {
@@ -405,7 +405,7 @@ vm = "fedora"
     fn cases() -> Vec<Case> {
         let hub = {
             let mut hub = device(1, 9, 0x05e3, 0x0610, "1-4");
-            hub.device_class = crate::device::HUB_CLASS;
+            hub.device_class = crate::model::HUB_CLASS;
             hub
         };
         vec![

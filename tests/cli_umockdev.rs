@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use usbpass::config::Config;
+use usbpass::rules::Config;
 
 fn umockdev_available() -> bool {
     let found = Command::new("umockdev-run").arg("--help").output().is_ok();

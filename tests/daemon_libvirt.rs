@@ -10,14 +10,14 @@ use libvirt_env::{TestDomain, URI};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use usbpass::config::Config;
+use usbpass::daemon::state::DaemonState;
 use usbpass::daemon::{Daemon, DaemonOptions};
-use usbpass::device::UsbDevice;
 use usbpass::event::Event;
-use usbpass::fake_hypervisor::FixedDevices;
+use usbpass::hypervisor::libvirt::LibvirtConnector;
 use usbpass::hypervisor::FailureKind;
-use usbpass::libvirt::LibvirtConnector;
-use usbpass::state::DaemonState;
+use usbpass::model::UsbDevice;
+use usbpass::rules::Config;
+use usbpass::testing::fake_hypervisor::FixedDevices;
 
 /// QEMU's emulated keyboard, as udev would describe it on a host that had one.
 fn keyboard() -> UsbDevice {

@@ -12,11 +12,11 @@ use std::process::Command;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use usbpass::device::{BusAddress, UsbId};
 use usbpass::event::{DomainChange, Event};
-use usbpass::hostdev_xml::{build_usb_hostdev, parse_usb_hostdevs};
+use usbpass::hypervisor::libvirt::xml::{build_usb_hostdev, parse_usb_hostdevs};
+use usbpass::hypervisor::libvirt::{connect, is_reachable, LibvirtHypervisor};
 use usbpass::hypervisor::{FailureKind, Hypervisor, HypervisorError, Ownership};
-use usbpass::libvirt::{connect, is_reachable, LibvirtHypervisor};
+use usbpass::model::{BusAddress, UsbId};
 
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
@@ -475,7 +475,7 @@ fn a_remote_style_uri_with_keepalive_works() {
     let script = script.into_temp_path();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let uri = format!("qemu+ext:///system?command={}", script.display());
-    assert!(!usbpass::libvirt::is_local_uri(&uri));
+    assert!(!usbpass::hypervisor::libvirt::is_local_uri(&uri));
     let domain = TestDomain::plain("remote");
     let (sender, events) = mpsc::channel();
     let mut hypervisor = connect(&uri, sender).expect("connect through the ext transport");

@@ -1,5 +1,5 @@
-//! The udev layer under umockdev: `usb::enumerate` against a recorded-style device tree
-//! (tests/umockdev/usb-tree.umockdev) run by `umockdev-run`, and `usb::spawn_monitor`
+//! The udev layer under umockdev: `udev::enumerate` against a recorded-style device tree
+//! (tests/umockdev/usb-tree.umockdev) run by `umockdev-run`, and `udev::spawn_monitor`
 //! against uevents that libumockdev's testbed sends inside a process running under
 //! `umockdev-wrapper`.
 //!
@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
-use usbpass::device::{InterfaceClass, UsbDevice};
-use usbpass::device_spec::{parse_device_spec, resolve, ResolveError};
+use usbpass::cli::device_spec::{parse_device_spec, resolve, ResolveError};
 use usbpass::event::Event;
-use usbpass::usb;
+use usbpass::host::udev;
+use usbpass::model::{InterfaceClass, UsbDevice};
 
 const INNER_RUN_VARIABLE: &str = "USBPASS_UMOCKDEV_INNER_TEST";
 const DEVICE_TREE: &str = "tests/umockdev/usb-tree.umockdev";
@@ -262,7 +262,7 @@ fn inner_enumeration_reads_every_field() {
     if !is_inner_run("inner_enumeration_reads_every_field") {
         return;
     }
-    let devices = usb::enumerate().expect("enumeration under umockdev");
+    let devices = udev::enumerate().expect("enumeration under umockdev");
     let expected = expected_devices();
     // Field by field first, for a readable failure; then the whole list.
     for (found, wanted) in devices.iter().zip(&expected) {
@@ -464,7 +464,7 @@ fn inner_monitor_turns_uevents_into_events() {
             .clone()
     };
     let (sender, events) = mpsc::channel();
-    let monitor = usb::spawn_monitor(sender).expect("the monitor starts under umockdev");
+    let monitor = udev::spawn_monitor(sender).expect("the monitor starts under umockdev");
     let xhci = "/sys/devices/pci0000:00/0000:00:14.0";
 
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.3"), "add");
@@ -510,7 +510,7 @@ fn inner_monitor_turns_uevents_into_events() {
         }
     );
     // Gone from enumeration too.
-    assert!(usb::enumerate()
+    assert!(udev::enumerate()
         .unwrap()
         .iter()
         .all(|device| device.port_path != "1-2.4"));

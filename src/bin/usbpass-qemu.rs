@@ -12,10 +12,10 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use usbpass::config::{Config, ReconnectMode, DEFAULT_CONFIG_PATH};
-use usbpass::device::UsbDevice;
-use usbpass::qemu_args::{self, ArgForm, Decision, DeviceFacts, Mode, Outcome, Selector};
-use usbpass::sysfs_usb::{self, SysfsUsb};
+use usbpass::host::sysfs::{self, SysfsUsb};
+use usbpass::model::UsbDevice;
+use usbpass::rules::{Config, ReconnectMode, DEFAULT_CONFIG_PATH};
+use usbpass::wrapper::qemu_args::{self, ArgForm, Decision, DeviceFacts, Mode, Outcome, Selector};
 
 /// Where the real emulator is when nothing else says.
 const DEFAULT_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
@@ -247,7 +247,7 @@ impl Policy {
             let path = path.clone();
             self.rules = match Config::load(&path) {
                 Ok(config) => Rules::Loaded(config),
-                Err(usbpass::config::ConfigError::ReadFile { source, .. })
+                Err(usbpass::rules::ConfigError::ReadFile { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
                     Rules::Absent
@@ -339,7 +339,7 @@ impl Policy {
         };
         let (mode, source) = self.mode_for(device.as_ref());
         let facts = match (&device, selector) {
-            (Some(device), _) => sysfs_usb::facts_of(device),
+            (Some(device), _) => sysfs::facts_of(device),
             (
                 None,
                 Selector::VendorProduct {

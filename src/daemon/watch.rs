@@ -149,11 +149,11 @@ mod tests {
         spawn_config_watcher(&path, sender).unwrap();
         std::fs::write(directory.path().join("unrelated"), "x").unwrap();
         assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
-        crate::atomic_file::write(
+        crate::util::atomic_file::write(
             &path,
             b"uri = \"test:///default\"\n",
             0o644,
-            crate::atomic_file::Durability::Synced,
+            crate::util::atomic_file::Durability::Synced,
         )
         .unwrap();
         // The temporary file's own events are filtered out; the rename is seen.

@@ -3,14 +3,17 @@
 //! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
 //! reconnect or the watchdog is due.
 
-use crate::config::{Config, ConfigError};
-use crate::device::{BusAddress, UsbDevice};
+pub mod notify;
+pub mod state;
+pub mod watch;
+
+use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
-use crate::hostdev_xml;
+use crate::hypervisor::libvirt::xml as hostdev_xml;
 use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
-use crate::notify;
+use crate::model::{BusAddress, UsbDevice};
 use crate::reconcile::{self, parse_alias, Action, Plan};
-use crate::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::rules::{Config, ConfigError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -709,9 +712,11 @@ fn kind_name(kind: FailureKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
     use crate::event::DomainChange;
-    use crate::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
+    use crate::model::fixtures::device;
+    use crate::testing::fake_hypervisor::{
+        Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld,
+    };
     use std::sync::{mpsc, Arc, Mutex};
     use std::thread::JoinHandle;
 

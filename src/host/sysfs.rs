@@ -4,8 +4,8 @@
 //! The wrapper reads sysfs instead of asking libudev so that it links nothing and starts
 //! fast; the root is a parameter so that tests can point it at a folder of their own.
 
-use crate::device::{InterfaceClass, UsbDevice};
-use crate::qemu_args::DeviceFacts;
+use crate::model::{InterfaceClass, UsbDevice};
+use crate::wrapper::qemu_args::DeviceFacts;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;

@@ -1,8 +1,8 @@
 //! Edits the rules file for `usbpass assign` and `unassign` with `toml_edit`, keeping
 //! comments, formatting and rule order, and validating the result before it is written.
 
-use crate::config::{Config, ConfigError};
-use crate::device::UsbDevice;
+use crate::model::UsbDevice;
+use crate::rules::{Config, ConfigError};
 use std::path::Path;
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table, Value};
 
@@ -58,7 +58,7 @@ pub struct Edit {
 fn parse_document(text: &str, path: &Path) -> Result<DocumentMut, RulesEditError> {
     text.parse::<DocumentMut>().map_err(|error| {
         let (line, column) = error.span().map_or((1, 1), |span| {
-            crate::config::line_and_column(text, span.start)
+            crate::rules::line_and_column(text, span.start)
         });
         RulesEditError::ParseDocument {
             path: path.display().to_string(),
@@ -328,7 +328,7 @@ pub fn unassign(text: &str, path: &Path, target: UnassignTarget) -> Result<Edit,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
+    use crate::model::fixtures::device;
 
     const FILE: &str = r#"# my rules
 uri = "qemu:///system"

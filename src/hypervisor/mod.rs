@@ -2,7 +2,9 @@
 //! it returns, and the hostdev ownership rules. `libvirt` implements it for real;
 //! tests implement it with fakes.
 
-use crate::device::{BusAddress, UsbId};
+pub mod libvirt;
+
+use crate::model::{BusAddress, UsbId};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of every user alias usbpass gives a hostdev. libvirt keeps `ua-` aliases.

@@ -1,7 +1,9 @@
 //! The rules file: strict TOML parsing with file:line:column errors, and matching of
 //! devices against rules.
 
-use crate::device::{InterfaceClass, UsbDevice};
+pub mod edit;
+
+use crate::model::{InterfaceClass, UsbDevice};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -525,7 +527,7 @@ impl<'de> Deserialize<'de> for VmList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
+    use crate::model::fixtures::device;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
@@ -666,7 +668,7 @@ reconnect = "port"
         );
     }
 
-    const HUB_CLASS_FOR_TEST: u8 = crate::device::HUB_CLASS;
+    const HUB_CLASS_FOR_TEST: u8 = crate::model::HUB_CLASS;
 
     #[test]
     fn first_match_wins() {

@@ -1,9 +1,9 @@
 //! The daemon's state file under `/run/usbpass/`: what it holds where and its last
 //! errors, written atomically after each reconcile and read by `usbpass status`.
 
-use crate::atomic_file::{self, AtomicWriteError};
 use crate::hypervisor::FailureKind;
 use crate::reconcile::Placement;
+use crate::util::atomic_file::{self, AtomicWriteError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -3,10 +3,10 @@
 //! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
 
 use crate::daemon::{Connector, DaemonError, DeviceSource};
-use crate::device::UsbDevice;
 use crate::event::Event;
-use crate::hostdev_xml;
+use crate::hypervisor::libvirt::xml as hostdev_xml;
 use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
+use crate::model::UsbDevice;
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};

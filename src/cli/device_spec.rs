@@ -1,7 +1,7 @@
 //! The CLI's DEVICE argument: parsing `bus:dev`, `vid:pid`, a port path or a serial, and
 //! resolving it against the present devices. Pure: no udev here.
 
-use crate::device::{BusAddress, UsbDevice, UsbId};
+use crate::model::{BusAddress, UsbDevice, UsbId};
 use std::fmt;
 
 /// What a DEVICE argument names.
@@ -146,7 +146,7 @@ fn parse_id(text: &str) -> Option<UsbId> {
 /// The kernel's name of a USB device: `usbN` for a root hub, `B-P[.P...]` below it.
 /// The same names the rules file's `port` and `hub` keys accept.
 pub fn is_port_path(text: &str) -> bool {
-    crate::config::is_root_hub_name(text) || crate::config::is_port_path(text)
+    crate::rules::is_root_hub_name(text) || crate::rules::is_port_path(text)
 }
 
 pub fn find_by_address(devices: &[UsbDevice], address: BusAddress) -> Option<&UsbDevice> {
@@ -231,7 +231,7 @@ fn describe_candidate(device: &UsbDevice) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
+    use crate::model::fixtures::device;
 
     fn with_serial(mut device: UsbDevice, serial: &str) -> UsbDevice {
         device.serial = Some(serial.to_string());

@@ -7,8 +7,8 @@
 //! the address in plain decimal. So we write plain decimal (never udev's zero-padded
 //! `008`) and read with the same base-0 rule.
 
-use crate::device::{BusAddress, UsbId};
 use crate::hypervisor::{UsbHostdev, ALIAS_PREFIX};
+use crate::model::{BusAddress, UsbId};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
@@ -400,8 +400,8 @@ fn parse_c_unsigned_base0(value: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::fixtures::device;
     use crate::hypervisor::Ownership;
+    use crate::model::fixtures::device;
 
     fn id(vendor: u16, product: u16) -> UsbId {
         UsbId { vendor, product }

@@ -6,8 +6,8 @@
 //! every identity field the rules match on, so `rusb` would add a second view of the same
 //! facts plus the permission problems of opening `/dev/bus/usb` nodes.
 
-use crate::device::{InterfaceClass, UsbDevice};
 use crate::event::Event;
+use crate::model::{InterfaceClass, UsbDevice};
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::io;

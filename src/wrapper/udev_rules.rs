@@ -2,7 +2,7 @@
 //! file names, so that a QEMU started through `usbpass-qemu` can reopen a device that was
 //! replugged (libvirt labels only the node that existed when the VM started).
 
-use crate::config::{ClassPattern, Config, Rule};
+use crate::rules::{ClassPattern, Config, Rule};
 
 /// Where `usbpass udev-rules` output is meant to be installed.
 pub const DEFAULT_RULES_PATH: &str = "/etc/udev/rules.d/70-usbpass.rules";

@@ -5,10 +5,11 @@
 
 mod events;
 pub mod failure;
+pub mod xml;
 
 use crate::daemon::Connector;
 use crate::event::Event;
-use crate::hostdev_xml::parse_usb_hostdevs;
+use crate::hypervisor::libvirt::xml::parse_usb_hostdevs;
 use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError, ALIAS_PREFIX};
 use failure::LibvirtFailure;
 use std::ffi::CString;

@@ -1,0 +1,3 @@
+//! The `usbpass` command line.
+
+pub mod device_spec;

@@ -1,0 +1,4 @@
+//! The host's USB devices.
+
+pub mod sysfs;
+pub mod udev;
