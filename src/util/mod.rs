@@ -2,3 +2,4 @@
 //! replacement and C's number parsing.
 
 pub mod atomic_file;
+pub mod c_number;

@@ -6,6 +6,7 @@
 //! node) to the device's facts and picks a mode, through the closure it hands to
 //! [`rewrite_args`].
 
+use crate::util::c_number::{self, strtoul};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
@@ -315,56 +316,6 @@ struct LegacySpec {
     selector: Selector,
 }
 
-/// C's `strtoul(text, &end, base)` as old QEMU called it: leading blanks, an optional
-/// `+`, base 0 picks hex for `0x`, octal for a leading `0`, else decimal; it stops at the
-/// first byte that is no digit of the base. Returns the value and the rest. `None` when
-/// no digit was read or the value overflows (strtoul would give ULONG_MAX, which no
-/// bus or device number can be).
-pub fn c_strtoul(text: &[u8], base: u32) -> Option<(u64, &[u8])> {
-    let mut rest = text;
-    while let Some((first, tail)) = rest.split_first() {
-        if first.is_ascii_whitespace() {
-            rest = tail;
-        } else {
-            break;
-        }
-    }
-    if let Some(tail) = rest.strip_prefix(b"+") {
-        rest = tail;
-    }
-    let has_hex_prefix = |r: &[u8]| {
-        r.len() > 2 && r[0] == b'0' && (r[1] | 0x20) == b'x' && (r[2] as char).is_ascii_hexdigit()
-    };
-    let base = match base {
-        0 if has_hex_prefix(rest) => {
-            rest = &rest[2..];
-            16
-        }
-        0 if rest.first() == Some(&b'0') => 8,
-        0 => 10,
-        16 if has_hex_prefix(rest) => {
-            rest = &rest[2..];
-            16
-        }
-        other => other,
-    };
-    let mut value: u64 = 0;
-    let mut digits = 0;
-    for &byte in rest {
-        let Some(digit) = (byte as char).to_digit(base) else {
-            break;
-        };
-        value = value
-            .checked_mul(u64::from(base))?
-            .checked_add(u64::from(digit))?;
-        digits += 1;
-    }
-    if digits == 0 {
-        return None;
-    }
-    Some((value, &rest[digits..]))
-}
-
 impl LegacySpec {
     /// `host:BUS.ADDR` or `host:VID:PID` as old QEMU's `usb_host_device_open` read them;
     /// `host:auto:...` and other devices (`tablet`, `disk:...`) are not ours to touch.
@@ -381,8 +332,8 @@ impl LegacySpec {
         // Old QEMU looked for '.' first, then ':'; numbers go through strtoul with base 0
         // for bus.addr (so `014` is octal 12) and base 16 for vid:pid.
         if let Some(dot) = spec.iter().position(|&b| b == b'.') {
-            let (bus, _) = c_strtoul(&spec[..dot], 0).ok_or_else(unparsable)?;
-            let (address, _) = c_strtoul(&spec[dot + 1..], 0).ok_or_else(unparsable)?;
+            let (bus, _) = strtoul(&spec[..dot], 0).ok_or_else(unparsable)?;
+            let (address, _) = strtoul(&spec[dot + 1..], 0).ok_or_else(unparsable)?;
             let bus = u32::try_from(bus).map_err(|_| unparsable())?;
             let address = u32::try_from(address).map_err(|_| unparsable())?;
             if bus == 0 || address == 0 {
@@ -393,8 +344,8 @@ impl LegacySpec {
             }));
         }
         if let Some(colon) = spec.iter().position(|&b| b == b':') {
-            let (vendor, _) = c_strtoul(&spec[..colon], 16).ok_or_else(unparsable)?;
-            let (product, _) = c_strtoul(&spec[colon + 1..], 16).ok_or_else(unparsable)?;
+            let (vendor, _) = strtoul(&spec[..colon], 16).ok_or_else(unparsable)?;
+            let (product, _) = strtoul(&spec[colon + 1..], 16).ok_or_else(unparsable)?;
             let vendor_id = u16::try_from(vendor).map_err(|_| unparsable())?;
             let product_id = u16::try_from(product).map_err(|_| unparsable())?;
             return Ok(Some(LegacySpec {
@@ -490,10 +441,7 @@ fn parse_keyval_uint(text: &[u8]) -> Option<u64> {
     {
         return None;
     }
-    match c_strtoul(text, 0) {
-        Some((value, [])) => Some(value),
-        _ => None,
-    }
+    c_number::parse_whole(text, 0)
 }
 
 impl<'a> KeyvalDevice<'a> {
@@ -1013,10 +961,6 @@ mod tests {
         let (out, outcomes, _) = rewrite_with(&["-usbdevice", "host:001.008"], Mode::Id);
         assert_eq!(out[1], "host:001.008");
         assert!(matches!(&outcomes[0], Outcome::Unparsed { .. }));
-        assert_eq!(c_strtoul(b"008", 0), Some((0, &b"8"[..])));
-        assert_eq!(c_strtoul(b"0x1F.", 0), Some((31, &b"."[..])));
-        assert_eq!(c_strtoul(b" +12", 10), Some((12, &b""[..])));
-        assert_eq!(c_strtoul(b"x", 10), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use crate::hypervisor::{UsbHostdev, ALIAS_PREFIX};
 use crate::model::{BusAddress, UsbId};
+use crate::util::c_number;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
@@ -363,7 +364,7 @@ fn parse_u16(
     element: &'static str,
     attribute: &'static str,
 ) -> Result<u16, HostdevXmlError> {
-    parse_c_unsigned_base0(value)
+    c_number::parse_whole(value.as_bytes(), 0)
         .and_then(|number| u16::try_from(number).ok())
         .ok_or_else(|| HostdevXmlError::InvalidNumber {
             position,
@@ -372,29 +373,6 @@ fn parse_u16(
             value: value.to_string(),
             bits: 16,
         })
-}
-
-/// C `strtoul(value, &end, 0)` with the whole string consumed and no sign, as libvirt's
-/// `virStrToLong_uip` reads these attributes: `0x`/`0X` is hex, a leading `0` octal,
-/// anything else decimal.
-fn parse_c_unsigned_base0(value: &str) -> Option<u64> {
-    let trimmed = value.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    let unsigned = trimmed.strip_prefix('+').unwrap_or(trimmed);
-    let (digits, radix) = if let Some(hex) = unsigned
-        .strip_prefix("0x")
-        .or_else(|| unsigned.strip_prefix("0X"))
-    {
-        (hex, 16)
-    } else if unsigned.len() > 1 && unsigned.starts_with('0') {
-        (&unsigned[1..], 8)
-    } else {
-        (unsigned, 10)
-    };
-    // `from_str_radix` would accept another sign; strtoul would not after the prefix.
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
-    }
-    u64::from_str_radix(digits, radix).ok()
 }
 
 #[cfg(test)]
@@ -570,11 +548,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(parse_c_unsigned_base0("0"), Some(0));
-        assert_eq!(parse_c_unsigned_base0("00"), Some(0));
-        assert_eq!(parse_c_unsigned_base0(" +7"), Some(7));
-        assert_eq!(parse_c_unsigned_base0("0x+7"), None);
-        assert_eq!(parse_c_unsigned_base0("017"), Some(15));
     }
 
     #[test]
