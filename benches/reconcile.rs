@@ -7,8 +7,9 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use usbpass::hypervisor::{DomainView, UsbHostdev};
+use usbpass::model::alias::HostdevAlias;
 use usbpass::model::UsbDevice;
-use usbpass::reconcile::{alias_for, plan};
+use usbpass::reconcile::plan;
 use usbpass::rules::{Config, Matcher, ReconnectMode, Rule};
 
 const DEVICES: usize = 200;
@@ -79,7 +80,7 @@ fn domains(devices: &[UsbDevice]) -> Vec<DomainView> {
                 .enumerate()
                 .filter(|(index, _)| index % VMS == vm && index % 2 == 0)
                 .map(|(_, device)| UsbHostdev {
-                    alias: Some(alias_for(device)),
+                    alias: Some(HostdevAlias::for_rules(device).to_string()),
                     id: Some(device.id()),
                     address: Some(device.address()),
                 })

@@ -10,6 +10,7 @@ pub mod hypervisor;
 pub mod model;
 pub mod reconcile;
 pub mod rules;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod util;
 pub mod wrapper;

@@ -13,10 +13,11 @@ use usbpass::daemon::state::{DaemonState, DEFAULT_STATE_PATH};
 use usbpass::daemon::{notify, watch};
 use usbpass::daemon::{Daemon, DaemonError, DaemonOptions, DeviceSource};
 use usbpass::host::udev as usb;
-use usbpass::hypervisor::libvirt::{self, xml as hostdev_xml};
-use usbpass::hypervisor::{DomainView, Hypervisor, Ownership};
+use usbpass::hypervisor::libvirt;
+use usbpass::hypervisor::{DomainView, HostdevSpec, Hypervisor};
+use usbpass::model::alias::{HostdevAlias, Ownership, ALIAS_PREFIX};
 use usbpass::model::UsbDevice;
-use usbpass::reconcile::{self, manual_alias_for, Placement};
+use usbpass::reconcile::{self, Placement};
 use usbpass::rules::edit::{self as rules_edit, AssignBy, UnassignTarget};
 use usbpass::rules::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use usbpass::util::atomic_file;
@@ -618,9 +619,8 @@ fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode> {
             );
         }
     }
-    let alias = manual_alias_for(&device);
-    let xml = hostdev_xml::build_usb_hostdev(device.id(), device.address(), &alias)?;
-    hypervisor.attach(vm, &device.to_string(), &xml)?;
+    let alias = HostdevAlias::for_manual(&device);
+    hypervisor.attach(vm, &HostdevSpec::new(&device, alias.clone()))?;
     println!("attached {device} to vm {vm} as {alias}");
     Ok(ExitCode::SUCCESS)
 }
@@ -630,7 +630,8 @@ fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
     let mut hypervisor = connect(&config.uri)?;
     let domains = hypervisor.running_domains()?;
     // An alias names one hostdev directly, even one whose device is gone.
-    if spec.starts_with(usbpass::hypervisor::ALIAS_PREFIX) {
+    if spec.starts_with(ALIAS_PREFIX) {
+        let alias = HostdevAlias::parse(spec)?;
         let holders: Vec<&str> = domains
             .iter()
             .filter(|d| d.hostdevs.iter().any(|h| h.alias.as_deref() == Some(spec)))
@@ -643,7 +644,7 @@ fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
             );
         }
         for domain in holders {
-            hypervisor.detach(domain, spec)?;
+            hypervisor.detach(domain, &alias)?;
             println!("detached {spec} from vm {domain}");
         }
         return Ok(ExitCode::SUCCESS);
@@ -672,14 +673,19 @@ fn detach(config_path: &Path, spec: &str) -> Result<ExitCode> {
     }
     for holder in &placement.holders {
         let alias = holder.alias.as_deref().unwrap_or("-");
-        if holder.ownership == Ownership::Foreign {
+        // Ownership comes from the alias: an owned holder's alias parses.
+        let Some(owned) = holder
+            .alias
+            .as_deref()
+            .and_then(|alias| HostdevAlias::parse(alias).ok())
+        else {
             eprintln!(
                 "usbpass: warning: device {device} is also held by vm {} through {alias}, which usbpass did not attach; left alone",
                 holder.domain
             );
             continue;
-        }
-        hypervisor.detach(&holder.domain, alias)?;
+        };
+        hypervisor.detach(&holder.domain, &owned)?;
         println!("detached {device} from vm {} ({alias})", holder.domain);
         if holder.ownership == Ownership::Rules {
             if let Some(rule) = &placement.rule {

@@ -2,7 +2,8 @@
 //! running VMs) with what the live XML shows, and returns the actions that close the
 //! gap. Pure: no I/O, no clock. Applying its actions and calling it again yields none.
 
-use crate::hypervisor::{DomainView, Ownership, UsbHostdev, ALIAS_PREFIX, MANUAL_ALIAS_PREFIX};
+use crate::hypervisor::{DomainView, UsbHostdev};
+use crate::model::alias::{HostdevAlias, Ownership};
 use crate::model::{BusAddress, UsbDevice, UsbId};
 use crate::rules::Config;
 use serde::{Deserialize, Serialize};
@@ -40,7 +41,7 @@ impl fmt::Display for DetachReason {
 pub enum Action {
     Detach {
         domain: String,
-        alias: String,
+        alias: HostdevAlias,
         /// What the hostdev pointed at, for messages.
         id: Option<UsbId>,
         address: Option<BusAddress>,
@@ -49,7 +50,7 @@ pub enum Action {
     Attach {
         domain: String,
         device: Box<UsbDevice>,
-        alias: String,
+        alias: HostdevAlias,
         rule: String,
     },
 }
@@ -61,7 +62,7 @@ impl Action {
         }
     }
 
-    pub fn alias(&self) -> &str {
+    pub fn alias(&self) -> &HostdevAlias {
         match self {
             Action::Detach { alias, .. } | Action::Attach { alias, .. } => alias,
         }
@@ -96,44 +97,10 @@ pub struct Plan {
     pub placements: Vec<Placement>,
 }
 
-/// The alias the daemon gives a device's hostdev. It carries the bus address and ID so
-/// that a stale entry is recognised even when libvirt's XML lacks `<address>`.
-pub fn alias_for(device: &UsbDevice) -> String {
-    format!("{ALIAS_PREFIX}{}", alias_suffix(device))
-}
-
-/// The alias `usbpass attach` gives a hand-placed hostdev.
-pub fn manual_alias_for(device: &UsbDevice) -> String {
-    format!("{MANUAL_ALIAS_PREFIX}{}", alias_suffix(device))
-}
-
-fn alias_suffix(device: &UsbDevice) -> String {
-    format!(
-        "{}-{}-{:04x}-{:04x}",
-        device.bus, device.devnum, device.vendor_id, device.product_id
-    )
-}
-
-/// Reads back what `alias_for` or `manual_alias_for` wrote.
-pub fn parse_alias(alias: &str) -> Option<(BusAddress, UsbId)> {
-    let rest = alias
-        .strip_prefix(MANUAL_ALIAS_PREFIX)
-        .or_else(|| alias.strip_prefix(ALIAS_PREFIX))?;
-    let mut parts = rest.split('-');
-    let bus = parts.next()?.parse().ok()?;
-    let device = parts.next()?.parse().ok()?;
-    let vendor = u16::from_str_radix(parts.next()?, 16).ok()?;
-    let product = u16::from_str_radix(parts.next()?, 16).ok()?;
-    if parts.next().is_some() {
-        return None;
-    }
-    Some((BusAddress { bus, device }, UsbId { vendor, product }))
-}
-
 /// The address and ID a hostdev points at: the live XML's `<address>` first (libvirt
 /// fills it in on attach), then the numbers in our own alias.
 fn hostdev_target(hostdev: &UsbHostdev) -> (Option<BusAddress>, Option<UsbId>) {
-    let from_alias = hostdev.alias.as_deref().and_then(parse_alias);
+    let from_alias = hostdev.owned_alias().and_then(|alias| alias.target());
     let address = hostdev.address.or(from_alias.map(|(address, _)| address));
     let id = hostdev.id.or(from_alias.map(|(_, id)| id));
     (address, id)
@@ -196,7 +163,7 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
             if ownership == Ownership::Foreign {
                 continue;
             }
-            let Some(alias) = hostdev.alias.clone() else {
+            let Some(alias) = hostdev.owned_alias() else {
                 continue;
             };
             let (address, id) = hostdev_target(hostdev);
@@ -232,7 +199,7 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
 
     let detached: HashSet<(&str, &str)> = detaches
         .iter()
-        .map(|action| (action.domain(), action.alias()))
+        .map(|action| (action.domain(), action.alias().as_str()))
         .collect();
 
     let mut attaches = Vec::new();
@@ -261,7 +228,7 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
                 attaches.push(Action::Attach {
                     domain: vm.clone(),
                     device: Box::new(device.clone()),
-                    alias: alias_for(device),
+                    alias: HostdevAlias::for_rules(device),
                     rule: rule.clone(),
                 });
             }
@@ -289,7 +256,7 @@ pub fn reconcile(config: &Config, devices: &[UsbDevice], domains: &[DomainView])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::device;
+    use crate::testing::devices::device;
     use std::path::Path;
 
     fn config(text: &str) -> Config {
@@ -340,7 +307,7 @@ vm = "fedora"
     /// The hostdev libvirt shows after the daemon attached `device`.
     fn owned(device: &UsbDevice) -> UsbHostdev {
         UsbHostdev {
-            alias: Some(alias_for(device)),
+            alias: Some(HostdevAlias::for_rules(device).to_string()),
             id: Some(device.id()),
             address: Some(device.address()),
         }
@@ -555,7 +522,7 @@ vm = "fedora"
                     vm(
                         "other",
                         vec![UsbHostdev {
-                            alias: Some(manual_alias_for(&receiver(5))),
+                            alias: Some(HostdevAlias::for_manual(&receiver(5)).to_string()),
                             ..owned(&receiver(5))
                         }],
                     ),
@@ -568,7 +535,7 @@ vm = "fedora"
                 domains: vec![vm(
                     "other",
                     vec![UsbHostdev {
-                        alias: Some(manual_alias_for(&receiver(5))),
+                        alias: Some(HostdevAlias::for_manual(&receiver(5)).to_string()),
                         ..owned(&receiver(5))
                     }],
                 )],
@@ -653,26 +620,5 @@ vm = "fedora"
         assert_eq!(plan.placements[0].holders[0].domain, "fedora");
         assert_eq!(plan.placements[1].rule, None);
         assert!(plan.placements[1].holders.is_empty());
-    }
-
-    #[test]
-    fn aliases_round_trip_and_reject_foreign_shapes() {
-        let device = device(3, 127, 0x046d, 0xc52b, "3-1");
-        let expected = (device.address(), device.id());
-        assert_eq!(parse_alias(&alias_for(&device)), Some(expected));
-        assert_eq!(parse_alias(&manual_alias_for(&device)), Some(expected));
-        for alias in [
-            "hostdev0",
-            "ua-usbpass-",
-            "ua-usbpass-1-2-3",
-            "ua-usbpass-1-2-zz-1",
-            "ua-usbpass-1-2-3-4-5",
-        ] {
-            assert_eq!(parse_alias(alias), None, "{alias}");
-        }
-        // libvirt user aliases allow only these characters.
-        assert!(alias_for(&device)
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     }
 }

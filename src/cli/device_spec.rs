@@ -231,7 +231,7 @@ fn describe_candidate(device: &UsbDevice) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::device;
+    use crate::testing::devices::device;
 
     fn with_serial(mut device: UsbDevice, serial: &str) -> UsbDevice {
         device.serial = Some(serial.to_string());

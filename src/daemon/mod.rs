@@ -9,26 +9,15 @@ pub mod watch;
 
 use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
-use crate::hypervisor::libvirt::xml as hostdev_xml;
-use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
+use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
+use crate::model::alias::HostdevAlias;
 use crate::model::{BusAddress, UsbDevice};
-use crate::reconcile::{self, parse_alias, Action, Plan};
+use crate::reconcile::{self, Action, Plan};
 use crate::rules::{Config, ConfigError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
-
-/// Opens hypervisor connections; the daemon calls it again after a disconnect.
-pub trait Connector {
-    type Hypervisor: Hypervisor;
-    /// Connect and start delivering domain events into `events`.
-    fn connect(
-        &mut self,
-        uri: &str,
-        events: Sender<Event>,
-    ) -> Result<Self::Hypervisor, HypervisorError>;
-}
 
 /// Lists the USB devices present now. Events keep the list current between calls.
 pub trait DeviceSource {
@@ -289,7 +278,10 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 // to go where the rules want it (a move between VMs).
                 self.failures
                     .retain(|(failed_domain, _), _| *failed_domain != domain);
-                if let Some((address, _)) = parse_alias(&alias) {
+                if let Some((address, _)) = HostdevAlias::parse(&alias)
+                    .ok()
+                    .and_then(|alias| alias.target())
+                {
                     self.forget_failures_of_device(address);
                 }
             }
@@ -320,8 +312,12 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     }
 
     fn forget_failures_of_device(&mut self, address: BusAddress) {
-        self.failures
-            .retain(|(_, alias), _| parse_alias(alias).is_none_or(|(failed, _)| failed != address));
+        self.failures.retain(|(_, alias), _| {
+            HostdevAlias::parse(alias)
+                .ok()
+                .and_then(|alias| alias.target())
+                .is_none_or(|(failed, _)| failed != address)
+        });
     }
 
     fn rescan_devices(&mut self) -> Result<(), DaemonError> {
@@ -473,7 +469,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             self.failures.retain(|key, _| {
                 plan.actions
                     .iter()
-                    .any(|a| a.domain() == key.0 && a.alias() == key.1)
+                    .any(|a| a.domain() == key.0 && *a.alias() == *key.1)
             });
             let now = Instant::now();
             let due: Vec<Action> = plan
@@ -541,16 +537,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     .copied()
                     .unwrap_or(self.woke_at);
                 let decision_us = started.saturating_duration_since(cause).as_micros();
-                let result =
-                    match hostdev_xml::build_usb_hostdev(device.id(), device.address(), alias) {
-                        Ok(xml) => hypervisor.attach(domain, &device.to_string(), &xml),
-                        Err(error) => Err(HypervisorError::Attach {
-                            domain: domain.clone(),
-                            device: device.to_string(),
-                            kind: FailureKind::Other,
-                            message: error.to_string(),
-                        }),
-                    };
+                let result = hypervisor.attach(domain, &HostdevSpec::new(device, alias.clone()));
                 let line = format!(
                     "attach device={} addr={} port={} rule={rule} vm={domain} alias={alias}",
                     device.id(),
@@ -594,8 +581,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     format!("{}ms", d.as_millis())
                 });
                 log::warn!(
-                    "{line} result=error kind={} attempts={attempts} retry={retry} call_ms={call_ms} error=\"{error}\"",
-                    kind_name(kind)
+                    "{line} result=error kind={kind} attempts={attempts} retry={retry} call_ms={call_ms} error=\"{error}\""
                 );
                 let device = match &action {
                     Action::Attach { device, .. } => device.to_string(),
@@ -698,22 +684,11 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     }
 }
 
-fn kind_name(kind: FailureKind) -> &'static str {
-    match kind {
-        FailureKind::DeviceNotFound => "device-not-found",
-        FailureKind::DeviceInUse => "device-in-use",
-        FailureKind::NoFreePort => "no-free-port",
-        FailureKind::DomainGone => "vm-gone",
-        FailureKind::ConnectionLost => "connection-lost",
-        FailureKind::Other => "other",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::DomainChange;
-    use crate::model::fixtures::device;
+    use crate::testing::devices::device;
     use crate::testing::fake_hypervisor::{
         Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld,
     };

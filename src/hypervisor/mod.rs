@@ -4,26 +4,12 @@
 
 pub mod libvirt;
 
-use crate::model::{BusAddress, UsbId};
+use crate::event::Event;
+use crate::model::alias::{HostdevAlias, Ownership};
+use crate::model::{BusAddress, UsbDevice, UsbId};
 use serde::{Deserialize, Serialize};
-
-/// Prefix of every user alias usbpass gives a hostdev. libvirt keeps `ua-` aliases.
-pub const ALIAS_PREFIX: &str = "ua-usbpass-";
-/// Prefix of hostdevs that `usbpass attach` placed by hand: the daemon keeps them where
-/// they are and only removes them once their device is gone.
-pub const MANUAL_ALIAS_PREFIX: &str = "ua-usbpass-manual-";
-
-/// Who created a hostdev, read from its alias.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ownership {
-    /// Attached by the daemon following the rules.
-    Rules,
-    /// Attached by `usbpass attach`.
-    Manual,
-    /// Anything else: never touched.
-    Foreign,
-}
+use std::fmt;
+use std::sync::mpsc::Sender;
 
 /// One `<hostdev type='usb'>` in a running domain's live XML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,11 +22,46 @@ pub struct UsbHostdev {
 
 impl UsbHostdev {
     pub fn ownership(&self) -> Ownership {
-        match self.alias.as_deref() {
-            Some(alias) if alias.starts_with(MANUAL_ALIAS_PREFIX) => Ownership::Manual,
-            Some(alias) if alias.starts_with(ALIAS_PREFIX) => Ownership::Rules,
-            _ => Ownership::Foreign,
+        Ownership::of_alias(self.alias.as_deref())
+    }
+
+    /// The alias, when usbpass made this hostdev.
+    pub fn owned_alias(&self) -> Option<HostdevAlias> {
+        HostdevAlias::parse(self.alias.as_deref()?).ok()
+    }
+}
+
+/// What to hot-plug: one plug of one USB device, under usbpass's alias. The libvirt
+/// adapter turns it into hostdev XML; nothing outside it knows that XML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostdevSpec {
+    pub id: UsbId,
+    /// Bus and device number: tells identical devices apart, and goes stale on replug.
+    pub address: BusAddress,
+    /// The kernel's port path, for messages only: libvirt's USB source has no port.
+    pub port_path: String,
+    pub alias: HostdevAlias,
+}
+
+impl HostdevSpec {
+    pub fn new(device: &UsbDevice, alias: HostdevAlias) -> HostdevSpec {
+        HostdevSpec {
+            id: device.id(),
+            address: device.address(),
+            port_path: device.port_path.clone(),
+            alias,
         }
+    }
+}
+
+impl fmt::Display for HostdevSpec {
+    /// The device as `UsbDevice` prints it: `046d:c52b at 001:005 (port 1-2)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at {} (port {})",
+            self.id, self.address, self.port_path
+        )
     }
 }
 
@@ -66,6 +87,27 @@ pub enum FailureKind {
     /// The connection to libvirt broke.
     ConnectionLost,
     Other,
+}
+
+impl FailureKind {
+    /// The one name of each kind: the daemon's log lines (`kind=`) and the state file
+    /// (through serde's kebab-case, which a test holds equal to this) both use it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::DeviceNotFound => "device-not-found",
+            FailureKind::DeviceInUse => "device-in-use",
+            FailureKind::NoFreePort => "no-free-port",
+            FailureKind::DomainGone => "domain-gone",
+            FailureKind::ConnectionLost => "connection-lost",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A failed hypervisor call, with libvirt's own message kept.
@@ -109,19 +151,46 @@ impl HypervisorError {
     }
 }
 
-/// What the daemon needs from libvirt. Calls are synchronous; events arrive separately
-/// as `Event`s.
+/// What the daemon and the CLI need from libvirt. Calls are synchronous; events arrive
+/// separately as `Event`s.
 pub trait Hypervisor {
     /// Every running domain with the USB hostdevs of its live XML.
     fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError>;
     /// Hot-plug a hostdev, live only, so the persistent config never names a device
-    /// that may be absent at the next boot. `device` names the device in messages.
-    fn attach(
+    /// that may be absent at the next boot.
+    fn attach(&mut self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError>;
+    /// Hot-unplug the hostdev with this alias, live only. The alias type admits only
+    /// hostdevs usbpass made.
+    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError>;
+}
+
+/// Opens hypervisor connections; the daemon calls it again after a disconnect.
+pub trait Connector {
+    type Hypervisor: Hypervisor;
+    /// Connect and start delivering domain events into `events`.
+    fn connect(
         &mut self,
-        domain: &str,
-        device: &str,
-        hostdev_xml: &str,
-    ) -> Result<(), HypervisorError>;
-    /// Hot-unplug the hostdev with this alias, live only.
-    fn detach(&mut self, domain: &str, alias: &str) -> Result<(), HypervisorError>;
+        uri: &str,
+        events: Sender<Event>,
+    ) -> Result<Self::Hypervisor, HypervisorError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_kinds_have_one_name_in_logs_and_the_state_file() {
+        for kind in [
+            FailureKind::DeviceNotFound,
+            FailureKind::DeviceInUse,
+            FailureKind::NoFreePort,
+            FailureKind::DomainGone,
+            FailureKind::ConnectionLost,
+            FailureKind::Other,
+        ] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! The host's view of one USB device: the identity that rules match on and that
 //! hostdevs point at.
 
+pub mod alias;
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -117,34 +119,5 @@ impl fmt::Display for UsbDevice {
             self.address(),
             self.port_path
         )
-    }
-}
-
-#[cfg(test)]
-pub mod fixtures {
-    //! Devices for unit tests.
-    use super::*;
-
-    pub fn device(bus: u16, devnum: u16, vendor_id: u16, product_id: u16, port: &str) -> UsbDevice {
-        let parent_hub = match port.rsplit_once('.') {
-            Some((hub, _)) => Some(hub.to_string()),
-            None => port.split_once('-').map(|(bus, _)| format!("usb{bus}")),
-        };
-        UsbDevice {
-            syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
-            bus,
-            devnum,
-            vendor_id,
-            product_id,
-            serial: None,
-            port_path: port.to_string(),
-            parent_hub,
-            device_class: 0,
-            interface_classes: Vec::new(),
-            manufacturer: None,
-            product: None,
-            vendor_from_database: None,
-            model_from_database: None,
-        }
     }
 }

@@ -328,7 +328,7 @@ pub fn unassign(text: &str, path: &Path, target: UnassignTarget) -> Result<Edit,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::device;
+    use crate::testing::devices::device;
 
     const FILE: &str = r#"# my rules
 uri = "qemu:///system"

@@ -527,7 +527,7 @@ impl<'de> Deserialize<'de> for VmList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::fixtures::device;
+    use crate::testing::devices::device;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))

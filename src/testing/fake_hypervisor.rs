@@ -2,10 +2,12 @@
 //! records every call and fails on demand, after cloud-hypervisor's
 //! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
 
-use crate::daemon::{Connector, DaemonError, DeviceSource};
+use crate::daemon::{DaemonError, DeviceSource};
 use crate::event::Event;
-use crate::hypervisor::libvirt::xml as hostdev_xml;
-use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError};
+use crate::hypervisor::{
+    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError, UsbHostdev,
+};
+use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
@@ -179,23 +181,19 @@ impl Hypervisor for FakeHypervisor {
         Ok(world.domains.clone())
     }
 
-    fn attach(
-        &mut self,
-        domain: &str,
-        device: &str,
-        hostdev_xml: &str,
-    ) -> Result<(), HypervisorError> {
+    fn attach(&mut self, domain: &str, spec: &HostdevSpec) -> Result<(), HypervisorError> {
         let mut world = self.world.lock();
         world.attach_times.push(Instant::now());
-        let wrapped = format!("<domain><devices>{hostdev_xml}</devices></domain>");
-        let hostdev = hostdev_xml::parse_usb_hostdevs(&wrapped)
-            .ok()
-            .and_then(|mut hostdevs| hostdevs.pop())
-            .expect("the daemon sends one well-formed usb hostdev");
-        let alias = hostdev.alias.clone().unwrap_or_default();
+        // What libvirt's live XML shows after the attach: the address filled in.
+        let hostdev = UsbHostdev {
+            alias: Some(spec.alias.to_string()),
+            id: Some(spec.id),
+            address: Some(spec.address),
+        };
+        let alias = spec.alias.to_string();
         let fail = |kind| HypervisorError::Attach {
             domain: domain.to_string(),
-            device: device.to_string(),
+            device: spec.to_string(),
             kind,
             message: message(kind),
         };
@@ -219,7 +217,8 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn detach(&mut self, domain: &str, alias: &str) -> Result<(), HypervisorError> {
+    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
+        let alias = alias.as_str();
         let mut world = self.world.lock();
         let fail = |kind| HypervisorError::Detach {
             domain: domain.to_string(),

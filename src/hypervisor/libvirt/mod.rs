@@ -7,10 +7,13 @@ mod events;
 pub mod failure;
 pub mod xml;
 
-use crate::daemon::Connector;
+use xml::{build_usb_hostdev, parse_usb_hostdevs};
+
 use crate::event::Event;
-use crate::hypervisor::libvirt::xml::parse_usb_hostdevs;
-use crate::hypervisor::{DomainView, FailureKind, Hypervisor, HypervisorError, ALIAS_PREFIX};
+use crate::hypervisor::{
+    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
+};
+use crate::model::alias::HostdevAlias;
 use failure::LibvirtFailure;
 use std::ffi::CString;
 use std::sync::mpsc::Sender;
@@ -71,21 +74,28 @@ impl LibvirtError {
 }
 
 impl From<LibvirtError> for HypervisorError {
-    /// The daemon's view: whatever stopped a connection from being made.
+    /// The daemon's view: whatever stopped a connection from being made, said once
+    /// (`HypervisorError::Connect` names the uri itself).
     fn from(error: LibvirtError) -> Self {
-        let uri = match &error {
-            LibvirtError::StartEventLoop { uri, .. }
-            | LibvirtError::Connect { uri, .. }
-            | LibvirtError::RegisterEvents { uri, .. }
-            | LibvirtError::EnableKeepalive { uri, .. }
-            | LibvirtError::Probe { uri, .. } => uri.clone(),
-        };
-        let message = match &error {
-            LibvirtError::StartEventLoop { message, .. } => message.clone(),
-            LibvirtError::Connect { failure, .. }
-            | LibvirtError::RegisterEvents { failure, .. }
-            | LibvirtError::EnableKeepalive { failure, .. }
-            | LibvirtError::Probe { failure, .. } => failure.message.clone(),
+        let (uri, message) = match error {
+            LibvirtError::StartEventLoop { uri, message } => (
+                uri,
+                format!("cannot start the libvirt event loop: {message}"),
+            ),
+            LibvirtError::Connect { uri, failure, .. }
+            | LibvirtError::Probe { uri, failure, .. } => (uri, failure.message),
+            LibvirtError::RegisterEvents {
+                uri,
+                callback,
+                failure,
+                ..
+            } => (
+                uri,
+                format!("cannot register for {callback} events: {}", failure.message),
+            ),
+            LibvirtError::EnableKeepalive { uri, failure, .. } => {
+                (uri, format!("cannot enable keepalive: {}", failure.message))
+            }
         };
         HypervisorError::Connect { uri, message }
     }
@@ -167,10 +177,7 @@ impl Connector for LibvirtConnector {
         uri: &str,
         events: Sender<Event>,
     ) -> Result<LibvirtHypervisor, HypervisorError> {
-        connect(uri, events).map_err(|error| HypervisorError::Connect {
-            uri: uri.to_string(),
-            message: error.to_string(),
-        })
+        Ok(connect(uri, events)?)
     }
 }
 
@@ -280,55 +287,40 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(views)
     }
 
-    fn attach(
-        &mut self,
-        domain: &str,
-        device: &str,
-        hostdev_xml: &str,
-    ) -> Result<(), HypervisorError> {
-        let attach_error = |error: virt::error::Error| {
-            let failure = LibvirtFailure::from_error(&error);
-            HypervisorError::Attach {
-                domain: domain.to_string(),
-                device: device.to_string(),
-                kind: failure.kind(),
-                message: failure.message,
-            }
-        };
-        let target = self.lookup(domain).map_err(attach_error)?;
-        // Live only: the persistent definition never names a device that may be absent
-        // when the VM next boots.
-        target
-            .attach_device_flags(hostdev_xml, sys::VIR_DOMAIN_AFFECT_LIVE)
-            .map_err(attach_error)
-    }
-
-    fn detach(&mut self, domain: &str, alias: &str) -> Result<(), HypervisorError> {
-        let detach_error = |kind, message| HypervisorError::Detach {
+    fn attach(&mut self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError> {
+        let attach_error = |kind, message| HypervisorError::Attach {
             domain: domain.to_string(),
-            alias: alias.to_string(),
+            device: hostdev.to_string(),
             kind,
             message,
         };
         let from_libvirt = |error: virt::error::Error| {
             let failure = LibvirtFailure::from_error(&error);
-            detach_error(failure.kind(), failure.message)
+            attach_error(failure.kind(), failure.message)
         };
-        // The one place that removes hostdevs refuses any usbpass did not create.
-        if !alias.starts_with(ALIAS_PREFIX) {
-            return Err(detach_error(
-                FailureKind::Other,
-                format!(
-                    "refusing to touch a hostdev whose alias does not start with {ALIAS_PREFIX}"
-                ),
-            ));
-        }
-        let Ok(alias_c) = CString::new(alias) else {
-            return Err(detach_error(
-                FailureKind::Other,
-                "the alias contains a nul byte".to_string(),
-            ));
+        let xml = build_usb_hostdev(hostdev)
+            .map_err(|error| attach_error(FailureKind::Other, error.to_string()))?;
+        let target = self.lookup(domain).map_err(from_libvirt)?;
+        // Live only: the persistent definition never names a device that may be absent
+        // when the VM next boots.
+        target
+            .attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(from_libvirt)
+    }
+
+    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
+        let from_libvirt = |error: virt::error::Error| {
+            let failure = LibvirtFailure::from_error(&error);
+            HypervisorError::Detach {
+                domain: domain.to_string(),
+                alias: alias.to_string(),
+                kind: failure.kind(),
+                message: failure.message,
+            }
         };
+        // A `HostdevAlias` is one usbpass made, so this can never unplug a hostdev or a
+        // controller someone else created; libvirt's alias rule keeps it free of nul.
+        let alias_c = CString::new(alias.as_str()).expect("a hostdev alias has no nul byte");
         let target = self.lookup(domain).map_err(from_libvirt)?;
         // virt 0.5 does not wrap virDomainDetachDeviceAlias.
         // SAFETY: `target` holds a reference on a valid domain for the whole call, and
