@@ -1,3 +1,158 @@
-//! The `usbpass` command line.
+//! The `usbpass` command line: its subcommands, one file per family, and the one error
+//! type they share. `main.rs` parses the arguments, sets up logging and calls `run`.
 
+pub mod args;
+mod daemon;
 pub mod device_spec;
+mod generate;
+mod hotplug;
+mod inspect;
+mod rules_file;
+mod table;
+
+use crate::daemon::watch::WatchError;
+use crate::daemon::DaemonError;
+use crate::host::udev::{self as usb, UsbError};
+use crate::hypervisor::libvirt::{self, LibvirtError};
+use crate::hypervisor::{DomainView, Hypervisor, HypervisorError};
+use crate::model::alias::{AliasError, HostdevAlias};
+use crate::model::UsbDevice;
+use crate::rules::edit::RulesEditError;
+use crate::rules::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::util::atomic_file::AtomicWriteError;
+use crate::wrapper::udev_rules::UdevRulesError;
+use args::{Cli, Command};
+use device_spec::ResolveError;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+/// Why a command failed. Errors of the modules the commands use pass through with their
+/// own message; the rest name the device, the VM or the path.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    LoadRules(#[from] ConfigError),
+    #[error(transparent)]
+    EditRules(#[from] RulesEditError),
+    #[error(transparent)]
+    WriteRules(#[from] AtomicWriteError),
+    #[error(transparent)]
+    ListDevices(#[from] UsbError),
+    #[error(transparent)]
+    ResolveDevice(#[from] ResolveError),
+    #[error(transparent)]
+    ParseAlias(#[from] AliasError),
+    #[error(transparent)]
+    ConnectLibvirt(#[from] LibvirtError),
+    #[error(transparent)]
+    CallLibvirt(#[from] HypervisorError),
+    #[error(transparent)]
+    RenderUdevRules(#[from] UdevRulesError),
+    #[error(transparent)]
+    StartWatcher(#[from] WatchError),
+    #[error(transparent)]
+    RunDaemon(#[from] DaemonError),
+    #[error("device {device} is a hub; usbpass never passes hubs through")]
+    AttachHub { device: Box<UsbDevice> },
+    #[error("vm {vm} is not running on {uri}")]
+    VmNotRunning { vm: String, uri: String },
+    #[error("device {device} is already held by vm {holders}")]
+    AlreadyHeld {
+        device: Box<UsbDevice>,
+        holders: String,
+    },
+    #[error("no running vm on {uri} has a hostdev with alias {alias}")]
+    NoHostdevWithAlias { alias: HostdevAlias, uri: String },
+    #[error("device {device} is on the host, not in any running vm")]
+    DeviceOnHost { device: Box<UsbDevice> },
+    #[error("device {device} is held by vm {vm} through {hostdev}, which usbpass did not attach; use virsh detach-device")]
+    HeldByForeignHostdev {
+        device: Box<UsbDevice>,
+        vm: String,
+        hostdev: String,
+    },
+    #[error("cannot create directory {}: {source}", dir.display())]
+    CreateManDirectory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write man pages to {}: {source}", dir.display())]
+    WriteManPages {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot format the json output: {source}")]
+    FormatJson {
+        #[from]
+        source: serde_json::Error,
+    },
+    #[error("cannot write to standard output: {source}")]
+    WriteOutput {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let config = &cli.config;
+    match cli.command {
+        Command::Daemon => daemon::run_daemon(config, &cli.state),
+        Command::List { json } => inspect::list(config, json),
+        Command::Rules { json } => inspect::rules(config, json),
+        Command::Status { json } => inspect::status(config, &cli.state, json),
+        Command::Check => rules_file::check(config),
+        Command::Assign { device, vm, by } => rules_file::assign(config, &device, &vm, by),
+        Command::Unassign { target } => rules_file::unassign(config, &target),
+        Command::Attach { device, vm } => hotplug::attach(config, &device, &vm),
+        Command::Detach { device } => hotplug::detach(config, &device),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { dir } => generate::man(dir),
+        Command::UdevRules { group, owner } => generate::udev_rules(config, group, owner),
+        Command::DefaultConfig => generate::default_config(),
+    }
+}
+
+/// The rules file, or no rules when the default file does not exist yet: `list` is
+/// useful before any rule is written.
+fn load_config_for_reading(path: &Path) -> Result<Config, CliError> {
+    match Config::load(path) {
+        Ok(config) => Ok(config),
+        Err(ConfigError::ReadFile { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound
+                && path == Path::new(DEFAULT_CONFIG_PATH) =>
+        {
+            Ok(Config::from_rules(Vec::new()))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Running domains, or `None` with a warning when libvirt does not answer: read
+/// commands still show what they can.
+fn running_domains(uri: &str) -> Option<Vec<DomainView>> {
+    let result = connect(uri)
+        .map_err(|error| error.to_string())
+        .and_then(|mut hypervisor| hypervisor.running_domains().map_err(|e| e.to_string()));
+    match result {
+        Ok(domains) => Some(domains),
+        Err(message) => {
+            eprintln!("usbpass: warning: libvirt at {uri} is not reachable, vm placement unknown: {message}");
+            None
+        }
+    }
+}
+
+fn connect(uri: &str) -> Result<libvirt::LibvirtHypervisor, CliError> {
+    let (sender, _receiver) = mpsc::channel();
+    Ok(libvirt::connect(uri, sender)?)
+}
+
+fn resolve_device(spec: &str) -> Result<(UsbDevice, Vec<UsbDevice>), CliError> {
+    let devices = usb::enumerate()?;
+    let device = device_spec::resolve(&device_spec::parse_device_spec(spec)?, &devices)?.clone();
+    Ok((device, devices))
+}

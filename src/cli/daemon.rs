@@ -1,0 +1,55 @@
+//! `usbpass daemon`: the wiring of the daemon's loop to the real event sources (udev,
+//! libvirt, signals, the rules file) and to systemd.
+
+use super::CliError;
+use crate::daemon::{notify, watch};
+use crate::daemon::{Daemon, DaemonError, DaemonOptions, DeviceSource};
+use crate::host::udev as usb;
+use crate::hypervisor::libvirt;
+use crate::model::UsbDevice;
+use crate::rules::Config;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+struct UdevDevices;
+
+impl DeviceSource for UdevDevices {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
+        usb::enumerate().map_err(|error| DaemonError::EnumerateDevices {
+            message: error.to_string(),
+        })
+    }
+}
+
+pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
+    // At start there are no previous rules to fall back on: a bad file is fatal.
+    let config = Config::load(config_path)?;
+    log::info!(
+        "usbpass {} starting: {} rules from {}, libvirt {}",
+        env!("CARGO_PKG_VERSION"),
+        config.rules.len(),
+        config_path.display(),
+        config.uri
+    );
+    let (sender, receiver) = mpsc::channel();
+    // The monitor starts before the first enumeration so that no plug falls between.
+    usb::spawn_monitor(sender.clone())?;
+    watch::spawn_signal_thread(sender.clone())?;
+    watch::spawn_config_watcher(config_path, sender.clone())?;
+    let options = DaemonOptions {
+        config_path: config_path.to_path_buf(),
+        state_path: state_path.to_path_buf(),
+        watchdog: notify::watchdog_interval(),
+    };
+    let mut daemon = Daemon::new(
+        libvirt::LibvirtConnector,
+        UdevDevices,
+        config,
+        options,
+        sender,
+        receiver,
+    );
+    daemon.run()?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,77 @@
+//! The commands that change the rules file: `usbpass assign` and `usbpass unassign`
+//! (edits kept with comments and order, validated, then written atomically), and
+//! `usbpass check`.
+
+use super::{resolve_device, CliError};
+use crate::rules::edit::{self as rules_edit, AssignBy, UnassignTarget};
+use crate::rules::{Config, ConfigError};
+use crate::util::atomic_file;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `usbpass check`: the rules file parses and validates.
+pub fn check(config_path: &Path) -> Result<ExitCode, CliError> {
+    let config = Config::load(config_path)?;
+    println!(
+        "{}: ok, {} rules, libvirt uri {}",
+        config_path.display(),
+        config.rules.len(),
+        config.uri
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The rules file's text; a missing file reads as empty when `missing_is_empty`.
+fn read_rules_text(config_path: &Path, missing_is_empty: bool) -> Result<String, CliError> {
+    match std::fs::read_to_string(config_path) {
+        Ok(text) => Ok(text),
+        Err(error) if missing_is_empty && error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(String::new())
+        }
+        Err(source) => Err(ConfigError::ReadFile {
+            path: config_path.to_path_buf(),
+            source,
+        }
+        .into()),
+    }
+}
+
+/// Replaces the rules file with an edit's text (already validated) and says what changed.
+fn write_rules_edit(config_path: &Path, edit: rules_edit::Edit) -> Result<ExitCode, CliError> {
+    atomic_file::write(
+        config_path,
+        edit.text.as_bytes(),
+        0o644,
+        atomic_file::Durability::Synced,
+    )?;
+    println!("{}: {}", config_path.display(), edit.summary);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn assign(
+    config_path: &Path,
+    spec: &str,
+    vm: &str,
+    by: AssignBy,
+) -> Result<ExitCode, CliError> {
+    let (device, _) = resolve_device(spec)?;
+    let text = read_rules_text(config_path, true)?;
+    let edit = rules_edit::assign(&text, config_path, &device, vm, by)?;
+    write_rules_edit(config_path, edit)
+}
+
+pub fn unassign(config_path: &Path, target: &str) -> Result<ExitCode, CliError> {
+    let text = read_rules_text(config_path, false)?;
+    let config = Config::parse(&text, config_path)?;
+    let edit = if config.rules.iter().any(|rule| rule.name == target) {
+        rules_edit::unassign(&text, config_path, UnassignTarget::Rule(target))?
+    } else {
+        let (device, devices) = resolve_device(target)?;
+        rules_edit::unassign(
+            &text,
+            config_path,
+            UnassignTarget::Device(&device, &devices),
+        )?
+    };
+    write_rules_edit(config_path, edit)
+}
