@@ -4,6 +4,7 @@
 //! The wrapper reads sysfs instead of asking libudev so that it links nothing and starts
 //! fast; the root is a parameter so that tests can point it at a folder of their own.
 
+use crate::model::port::parent_hub_of;
 use crate::model::{InterfaceClass, UsbDevice};
 use crate::wrapper::qemu_args::DeviceFacts;
 use std::ffi::OsStr;
@@ -252,10 +253,6 @@ pub fn read_device(path: &Path) -> Result<UsbDevice, SysfsUsbError> {
             expected: "16-bit number",
         })
     };
-    let parent_hub = match name.rsplit_once('.') {
-        Some((hub, _)) => Some(hub.to_string()),
-        None => name.split_once('-').map(|(bus, _)| format!("usb{bus}")),
-    };
     let mut interface_classes = Vec::new();
     if let Ok(entries) = fs::read_dir(&real) {
         let prefix = format!("{name}:");
@@ -287,8 +284,8 @@ pub fn read_device(path: &Path) -> Result<UsbDevice, SysfsUsbError> {
         vendor_id: read_hex(&real.join("idVendor"), "hex vendor id")?,
         product_id: read_hex(&real.join("idProduct"), "hex product id")?,
         serial: read_optional_text(&real.join("serial")),
+        parent_hub: parent_hub_of(&name),
         port_path: name,
-        parent_hub,
         device_class: read_hex_u8(&real.join("bDeviceClass")).unwrap_or(0),
         interface_classes,
         manufacturer: read_optional_text(&real.join("manufacturer")),
@@ -313,10 +310,7 @@ mod tests {
         ids: (&str, &str),
         serial: Option<&str>,
     ) {
-        let parent = match port.rsplit_once('.') {
-            Some((hub, _)) => hub.to_string(),
-            None => format!("usb{bus}"),
-        };
+        let parent = parent_hub_of(port).unwrap();
         let parent_dir = if parent.starts_with("usb") {
             format!("devices/pci0000:00/0000:00:14.0/{parent}")
         } else {
