@@ -7,6 +7,7 @@
 //! facts plus the permission problems of opening `/dev/bus/usb` nodes.
 
 use crate::event::Event;
+use crate::host::{DeviceSource, HostError};
 use crate::model::{InterfaceClass, UsbDevice};
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -72,6 +73,16 @@ pub fn enumerate() -> Result<Vec<UsbDevice>, UsbError> {
         Ok(devices)
     };
     scan().map_err(|source| UsbError::EnumerateDevices { source })
+}
+
+/// The daemon's `DeviceSource` on a real host: `enumerate()`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdevDeviceSource;
+
+impl DeviceSource for UdevDeviceSource {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, HostError> {
+        enumerate().map_err(|source| HostError::EnumerateThroughUdev { source })
+    }
 }
 
 fn is_usb_device(device: &udev::Device) -> bool {
