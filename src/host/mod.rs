@@ -1,6 +1,7 @@
 //! The host's USB devices: the `DeviceSource` seam through which the daemon lists the
 //! present ones, read through udev (`udev`) or straight from sysfs (`sysfs`).
 
+mod attributes;
 pub mod sysfs;
 pub mod udev;
 
