@@ -1,5 +1,7 @@
 //! The host's USB devices: the `DeviceSource` seam through which the daemon lists the
-//! present ones, read through udev (`udev`) or straight from sysfs (`sysfs`).
+//! present ones (`udev::UdevDeviceSource` on a host), and the two readers, udev (`udev`,
+//! for the daemon and the CLI) and sysfs (`sysfs`, for the wrapper), which turn a device
+//! into a `UsbDevice` through one conversion (`attributes`).
 
 mod attributes;
 pub mod sysfs;
@@ -12,11 +14,13 @@ pub trait DeviceSource {
     fn enumerate(&mut self) -> Result<Vec<UsbDevice>, HostError>;
 }
 
+/// Why a `DeviceSource` could not list the devices. The message is the reader's own:
+/// the daemon puts `cannot enumerate usb devices: ` before it.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("{source}")]
     EnumerateThroughUdev {
         #[source]
-        source: udev::UsbError,
+        source: self::udev::UsbError,
     },
 }
