@@ -3,24 +3,13 @@
 
 use super::CliError;
 use crate::daemon::{notify, watch};
-use crate::daemon::{Daemon, DaemonError, DaemonOptions, DeviceSource};
+use crate::daemon::{Daemon, DaemonOptions};
 use crate::host::udev as usb;
 use crate::hypervisor::libvirt;
-use crate::model::UsbDevice;
 use crate::rules::Config;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc;
-
-struct UdevDevices;
-
-impl DeviceSource for UdevDevices {
-    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
-        usb::enumerate().map_err(|error| DaemonError::EnumerateDevices {
-            message: error.to_string(),
-        })
-    }
-}
 
 pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
     // At start there are no previous rules to fall back on: a bad file is fatal.
@@ -44,7 +33,7 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
     };
     let mut daemon = Daemon::new(
         libvirt::LibvirtConnector,
-        UdevDevices,
+        usb::UdevDeviceSource,
         config,
         options,
         sender,

@@ -1,7 +1,7 @@
 //! The CLI's DEVICE argument: parsing `bus:dev`, `vid:pid`, a port path or a serial, and
 //! resolving it against the present devices. Pure: no udev here.
 
-use crate::model::{BusAddress, UsbDevice, UsbId};
+use crate::model::{port, BusAddress, UsbDevice, UsbId};
 use std::fmt;
 
 /// What a DEVICE argument names.
@@ -80,7 +80,7 @@ pub fn parse_device_spec(text: &str) -> Result<DeviceSpec, ResolveError> {
         };
     }
     if let Some(rest) = text.strip_prefix("port:") {
-        return if is_port_path(rest) {
+        return if port::is_usb_device_name(rest) {
             explicit(SpecKind::Port(rest.to_string()))
         } else {
             Err(error(
@@ -99,7 +99,7 @@ pub fn parse_device_spec(text: &str) -> Result<DeviceSpec, ResolveError> {
         SpecKind::Address(address)
     } else if let Some(id) = parse_id(text) {
         SpecKind::Id(id)
-    } else if is_port_path(text) {
+    } else if port::is_usb_device_name(text) {
         SpecKind::Port(text.to_string())
     } else {
         SpecKind::Serial(text.to_string())
@@ -141,12 +141,6 @@ fn parse_id(text: &str) -> Option<UsbId> {
         vendor: hex(vendor)?,
         product: hex(product)?,
     })
-}
-
-/// The kernel's name of a USB device: `usbN` for a root hub, `B-P[.P...]` below it.
-/// The same names the rules file's `port` and `hub` keys accept.
-pub fn is_port_path(text: &str) -> bool {
-    crate::rules::is_root_hub_name(text) || crate::rules::is_port_path(text)
 }
 
 pub fn find_by_address(devices: &[UsbDevice], address: BusAddress) -> Option<&UsbDevice> {
@@ -426,18 +420,6 @@ mod tests {
         // The exact serial, newline and all, still resolves.
         let spec = parse_device_spec("a\nb\"<>&'\u{fffd}").unwrap();
         assert_eq!(resolve(&spec, &devices).unwrap().port_path, "3-1");
-    }
-
-    #[test]
-    fn port_paths() {
-        for good in ["usb1", "usb12", "1-1", "1-2.3", "10-4.1.2.3"] {
-            assert!(is_port_path(good), "{good}");
-        }
-        for bad in [
-            "usb", "usbx", "1", "1-", "-1", "1-2.", "1-2..3", "1-a", "1:1.0", "1-2:1.0",
-        ] {
-            assert!(!is_port_path(bad), "{bad}");
-        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod watch;
 
 use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
+use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
 use crate::model::alias::HostdevAlias;
 use crate::model::{BusAddress, UsbDevice};
@@ -19,15 +20,13 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-/// Lists the USB devices present now. Events keep the list current between calls.
-pub trait DeviceSource {
-    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError>;
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot enumerate usb devices: {message}")]
-    EnumerateDevices { message: String },
+    #[error("cannot enumerate usb devices: {source}")]
+    EnumerateDevices {
+        #[source]
+        source: HostError,
+    },
     #[error("the {source_name} watcher stopped: {message}")]
     WatchSource {
         source_name: &'static str,
@@ -321,7 +320,10 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     }
 
     fn rescan_devices(&mut self) -> Result<(), DaemonError> {
-        let devices = self.device_source.enumerate()?;
+        let devices = self
+            .device_source
+            .enumerate()
+            .map_err(|source| DaemonError::EnumerateDevices { source })?;
         self.devices = devices
             .into_iter()
             .map(|device| (device.syspath.clone(), device))

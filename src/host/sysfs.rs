@@ -2,14 +2,22 @@
 //! the device's IDs, port path and serial, by reading sysfs directly.
 //!
 //! The wrapper reads sysfs instead of asking libudev so that it links nothing and starts
-//! fast; the root is a parameter so that tests can point it at a folder of their own.
+//! fast; the root is a parameter so that tests can point it at a folder of their own. A
+//! device folder goes through the same conversion as a udev device (`host::attributes`),
+//! so the wrapper and the daemon read the same identity.
 
+use crate::host::attributes::{
+    interface_class_from, parse_decimal_u16, usb_device_from_attributes, DeviceAttributes,
+};
+use crate::model::port::parent_hub_of;
 use crate::model::{InterfaceClass, UsbDevice};
 use crate::wrapper::qemu_args::DeviceFacts;
 use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -31,12 +39,8 @@ pub enum SysfsUsbError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot parse {path}: {value:?} is no {expected}")]
-    ParseAttribute {
-        path: PathBuf,
-        value: String,
-        expected: &'static str,
-    },
+    #[error("cannot read the {field} of usb device {path}")]
+    ReadDevice { path: PathBuf, field: &'static str },
     #[error("no usb device at bus {bus} address {address} under {root}")]
     FindBusAddress {
         root: PathBuf,
@@ -102,13 +106,12 @@ impl SysfsUsb {
                 continue;
             }
             // Read the two numbers first: a full read of every device would be wasted.
-            let (Ok(entry_bus), Ok(entry_address)) = (
-                read_number(&path.join("busnum")),
-                read_number(&path.join("devnum")),
-            ) else {
+            let number = |name| read_attribute(&path, name).and_then(|v| parse_decimal_u16(&v));
+            let (Some(entry_bus), Some(entry_address)) = (number("busnum"), number("devnum"))
+            else {
                 continue;
             };
-            if entry_bus == bus && entry_address == address {
+            if u32::from(entry_bus) == bus && u32::from(entry_address) == address {
                 return read_device(&path);
             }
         }
@@ -200,101 +203,78 @@ pub fn facts_of(device: &UsbDevice) -> DeviceFacts {
     }
 }
 
-fn read_text(path: &Path) -> Result<String, SysfsUsbError> {
-    let bytes = fs::read(path).map_err(|source| SysfsUsbError::ReadAttribute {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(String::from_utf8_lossy(&bytes).trim_end().to_string())
+/// A device folder read straight from sysfs: the attributes the udev reader sees, and no
+/// udev properties.
+struct SysfsDevice {
+    /// The real folder, e.g. `/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2.3`.
+    folder: PathBuf,
+    /// Its name, the kernel's, e.g. `1-2.3`.
+    name: String,
 }
 
-fn read_optional_text(path: &Path) -> Option<String> {
-    read_text(path).ok().filter(|s| !s.is_empty())
+impl DeviceAttributes for SysfsDevice {
+    fn syspath(&self) -> String {
+        self.folder.to_string_lossy().into_owned()
+    }
+    fn sysname(&self) -> String {
+        self.name.clone()
+    }
+    fn property(&self, _name: &str) -> Option<OsString> {
+        None
+    }
+    fn attribute(&self, name: &str) -> Option<OsString> {
+        read_attribute(&self.folder, name)
+    }
+    fn parent_hub(&self) -> Option<String> {
+        parent_hub_of(&self.name)
+    }
+    fn interface_children(&self) -> Vec<InterfaceClass> {
+        let Ok(entries) = fs::read_dir(&self.folder) else {
+            return Vec::new();
+        };
+        let prefix = format!("{}:", self.name);
+        let mut names: Vec<_> = entries
+            .flatten()
+            .map(|entry| entry.file_name())
+            .filter(|name| name.as_bytes().starts_with(prefix.as_bytes()))
+            .collect();
+        // Interface names (`1-2:1.0`, `1-2:1.1`) sort in interface order.
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let interface = self.folder.join(name);
+                interface_class_from(|attribute| read_attribute(&interface, attribute))
+            })
+            .collect()
+    }
 }
 
-fn read_number(path: &Path) -> Result<u32, SysfsUsbError> {
-    let text = read_text(path)?;
-    text.trim()
-        .parse()
-        .map_err(|_| SysfsUsbError::ParseAttribute {
-            path: path.to_path_buf(),
-            value: text,
-            expected: "decimal number",
-        })
-}
-
-fn read_hex(path: &Path, expected: &'static str) -> Result<u16, SysfsUsbError> {
-    let text = read_text(path)?;
-    u16::from_str_radix(text.trim(), 16).map_err(|_| SysfsUsbError::ParseAttribute {
-        path: path.to_path_buf(),
-        value: text,
-        expected,
-    })
-}
-
-fn read_hex_u8(path: &Path) -> Option<u8> {
-    u8::from_str_radix(read_text(path).ok()?.trim(), 16).ok()
+/// One attribute file of a sysfs folder without the newline the kernel ends it with,
+/// as libudev returns it, so that both readers see the same value (a serial keeps its
+/// trailing spaces). None when it cannot be read.
+fn read_attribute(folder: &Path, name: &str) -> Option<OsString> {
+    let mut bytes = fs::read(folder.join(name)).ok()?;
+    while bytes
+        .last()
+        .is_some_and(|byte| matches!(byte, b'\n' | b'\r'))
+    {
+        bytes.pop();
+    }
+    Some(OsString::from_vec(bytes))
 }
 
 /// Reads one device directory (a `usb_device`, e.g. `/sys/bus/usb/devices/1-2.3`).
 pub fn read_device(path: &Path) -> Result<UsbDevice, SysfsUsbError> {
-    let real = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = real
+    let folder = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let name = folder
         .file_name()
         .map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned())
         .unwrap_or_default();
-    let bus = read_number(&real.join("busnum"))?;
-    let devnum = read_number(&real.join("devnum"))?;
-    let to_u16 = |value: u32, file: &str| {
-        u16::try_from(value).map_err(|_| SysfsUsbError::ParseAttribute {
-            path: real.join(file),
-            value: value.to_string(),
-            expected: "16-bit number",
-        })
-    };
-    let parent_hub = match name.rsplit_once('.') {
-        Some((hub, _)) => Some(hub.to_string()),
-        None => name.split_once('-').map(|(bus, _)| format!("usb{bus}")),
-    };
-    let mut interface_classes = Vec::new();
-    if let Ok(entries) = fs::read_dir(&real) {
-        let prefix = format!("{name}:");
-        let mut names: Vec<_> = entries
-            .flatten()
-            .map(|e| e.file_name())
-            .filter(|n| n.as_bytes().starts_with(prefix.as_bytes()))
-            .collect();
-        names.sort();
-        for interface in names {
-            let dir = real.join(interface);
-            if let (Some(class), Some(subclass), Some(protocol)) = (
-                read_hex_u8(&dir.join("bInterfaceClass")),
-                read_hex_u8(&dir.join("bInterfaceSubClass")),
-                read_hex_u8(&dir.join("bInterfaceProtocol")),
-            ) {
-                interface_classes.push(InterfaceClass {
-                    class,
-                    subclass,
-                    protocol,
-                });
-            }
-        }
-    }
-    Ok(UsbDevice {
-        syspath: real.to_string_lossy().into_owned(),
-        bus: to_u16(bus, "busnum")?,
-        devnum: to_u16(devnum, "devnum")?,
-        vendor_id: read_hex(&real.join("idVendor"), "hex vendor id")?,
-        product_id: read_hex(&real.join("idProduct"), "hex product id")?,
-        serial: read_optional_text(&real.join("serial")),
-        port_path: name,
-        parent_hub,
-        device_class: read_hex_u8(&real.join("bDeviceClass")).unwrap_or(0),
-        interface_classes,
-        manufacturer: read_optional_text(&real.join("manufacturer")),
-        product: read_optional_text(&real.join("product")),
-        vendor_from_database: None,
-        model_from_database: None,
+    let device = SysfsDevice { folder, name };
+    usb_device_from_attributes(&device).map_err(|field| SysfsUsbError::ReadDevice {
+        path: device.folder,
+        field,
     })
 }
 
@@ -313,10 +293,7 @@ mod tests {
         ids: (&str, &str),
         serial: Option<&str>,
     ) {
-        let parent = match port.rsplit_once('.') {
-            Some((hub, _)) => hub.to_string(),
-            None => format!("usb{bus}"),
-        };
+        let parent = parent_hub_of(port).unwrap();
         let parent_dir = if parent.starts_with("usb") {
             format!("devices/pci0000:00/0000:00:14.0/{parent}")
         } else {
@@ -415,6 +392,41 @@ mod tests {
         let found = sysfs.find_by_vendor_product(0x0627, 0x0001).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].bus, 2);
+    }
+
+    #[test]
+    fn unreadable_identity_is_an_error_naming_the_field_and_device() {
+        let root = tree();
+        let sysfs = SysfsUsb::new(root.path());
+        let folder = fs::canonicalize(root.path().join("bus/usb/devices/2-1")).unwrap();
+        fs::remove_file(folder.join("bDeviceClass")).unwrap();
+        let error = sysfs.find_by_bus_address(2, 17).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot read the device class of usb device {}",
+                folder.display()
+            )
+        );
+        fs::write(folder.join("bDeviceClass"), "+9\n").unwrap();
+        assert!(matches!(
+            sysfs.find_by_bus_address(2, 17).unwrap_err(),
+            SysfsUsbError::ReadDevice {
+                field: "device class",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn text_loses_only_the_kernels_newline() {
+        let root = tree();
+        let folder = root.path().join("bus/usb/devices/2-1");
+        fs::write(folder.join("serial"), "KBD 1 \n").unwrap();
+        fs::write(folder.join("product"), "\n").unwrap();
+        let device = read_device(&folder).unwrap();
+        assert_eq!(device.serial.as_deref(), Some("KBD 1 "));
+        assert_eq!(device.product, None);
     }
 
     #[test]

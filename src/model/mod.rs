@@ -2,6 +2,7 @@
 //! hostdevs point at.
 
 pub mod alias;
+pub mod port;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -3,6 +3,7 @@
 
 pub mod edit;
 
+use crate::model::port::{is_port_path, is_usb_device_name};
 use crate::model::{InterfaceClass, UsbDevice};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -355,7 +356,7 @@ fn build_matcher(raw: &RawRule, name: &str) -> Result<Matcher, SpannedError> {
     }
     if let Some(hub) = &raw.hub {
         let hub_name = hub.get_ref();
-        if !is_root_hub_name(hub_name) && !is_port_path(hub_name) {
+        if !is_usb_device_name(hub_name) {
             return Err((
                 hub.span(),
                 format!(
@@ -436,21 +437,6 @@ fn parse_class(text: &str) -> Result<ClassPattern, String> {
         subclass: values[1],
         protocol: values[2],
     })
-}
-
-/// `usbN`, as the kernel names a root hub in sysfs.
-pub fn is_root_hub_name(text: &str) -> bool {
-    text.strip_prefix("usb")
-        .is_some_and(|bus| !bus.is_empty() && bus.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// `BUS-PORT[.PORT]...`, as the kernel names USB devices in sysfs.
-pub fn is_port_path(text: &str) -> bool {
-    let Some((bus, ports)) = text.split_once('-') else {
-        return false;
-    };
-    let number = |s: &str| !s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit());
-    number(bus) && ports.split('.').all(number)
 }
 
 /// serde's wording for the one structural mistake people make most.
@@ -683,16 +669,6 @@ reconnect = "port"
         assert!(config
             .first_match(&device(1, 7, 0x1234, 1, "1-4"))
             .is_none());
-    }
-
-    #[test]
-    fn port_paths() {
-        for good in ["1-1", "3-2.4", "1-10.1.2"] {
-            assert!(is_port_path(good), "{good}");
-        }
-        for bad in ["", "1", "1-", "1-a", "usb1", "1-2.", "-1", "1-2..3"] {
-            assert!(!is_port_path(bad), "{bad}");
-        }
     }
 
     #[test]

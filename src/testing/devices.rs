@@ -1,14 +1,11 @@
 //! Devices for tests and benchmarks: a `UsbDevice` with only the fields a test cares
 //! about set, and the rest as a plain device behind a root port would have them.
 
+use crate::model::port::parent_hub_of;
 use crate::model::UsbDevice;
 
 /// A device at `bus`:`devnum` with these IDs on the kernel port `port` (e.g. `1-2.3`).
 pub fn device(bus: u16, devnum: u16, vendor_id: u16, product_id: u16, port: &str) -> UsbDevice {
-    let parent_hub = match port.rsplit_once('.') {
-        Some((hub, _)) => Some(hub.to_string()),
-        None => port.split_once('-').map(|(bus, _)| format!("usb{bus}")),
-    };
     UsbDevice {
         syspath: format!("/sys/devices/pci0000:00/0000:00:14.0/usb{bus}/{port}"),
         bus,
@@ -17,7 +14,7 @@ pub fn device(bus: u16, devnum: u16, vendor_id: u16, product_id: u16, port: &str
         product_id,
         serial: None,
         port_path: port.to_string(),
-        parent_hub,
+        parent_hub: parent_hub_of(port),
         device_class: 0,
         interface_classes: Vec::new(),
         manufacturer: None,

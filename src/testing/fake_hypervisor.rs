@@ -2,8 +2,8 @@
 //! records every call and fails on demand, after cloud-hypervisor's
 //! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
 
-use crate::daemon::{DaemonError, DeviceSource};
 use crate::event::Event;
+use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{
     Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError, UsbHostdev,
 };
@@ -299,7 +299,7 @@ impl Connector for FakeConnector {
 pub struct FixedDevices(pub Arc<Mutex<Vec<UsbDevice>>>);
 
 impl DeviceSource for FixedDevices {
-    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, DaemonError> {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, HostError> {
         Ok(self
             .0
             .lock()
