@@ -1,7 +1,7 @@
 //! The per-device decision: whether and how to rewrite each usb-host argument, from the
 //! rules for this guest and the settings' default mode.
 
-use super::qemu_args::{Decision, DeviceFacts, Mode, Selector};
+use super::qemu_args::{Decision, HostDeviceFacts, Mode, Selector};
 use super::settings::DefaultMode;
 use crate::host::sysfs::SysfsUsb;
 use crate::model::UsbDevice;
@@ -155,7 +155,7 @@ impl Policy {
                     vendor_id,
                     product_id,
                 },
-            ) => DeviceFacts {
+            ) => HostDeviceFacts {
                 vendor_id: *vendor_id,
                 product_id: *product_id,
                 bus: 0,
@@ -197,8 +197,8 @@ fn hostport_of(port_path: &str) -> Option<String> {
 }
 
 /// The facts `qemu_args` needs, from a device read in sysfs.
-fn facts_of(device: &UsbDevice) -> DeviceFacts {
-    DeviceFacts {
+fn facts_of(device: &UsbDevice) -> HostDeviceFacts {
+    HostDeviceFacts {
         vendor_id: device.vendor_id,
         product_id: device.product_id,
         bus: u32::from(device.bus),

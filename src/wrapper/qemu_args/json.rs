@@ -1,7 +1,7 @@
 //! The JSON spelling `-device {"driver":"usb-host",...}` that libvirt 8 and later write:
 //! every member but the selector is copied byte for byte.
 
-use super::{contains, lossy, DeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use super::{contains, lossy, HostDeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
 use std::ffi::OsString;
 
 /// One member of the top-level JSON object, with its byte span (from the key's opening
@@ -70,7 +70,7 @@ impl<'a> JsonDevice<'a> {
         }))
     }
 
-    pub(super) fn render(&self, facts: &DeviceFacts, mode: Mode) -> Vec<u8> {
+    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
         // QEMU's JSON visitor wants numbers for integer properties, not strings.
         let replacement = match (mode, facts.hostport.as_deref()) {
             (Mode::Port, Some(port)) => format!(

@@ -1,7 +1,7 @@
 //! The keyval spelling `-device usb-host,hostbus=1,hostaddr=5,...` (QemuOpts): splitting
 //! at single commas, QEMU's number rules, and replacing the selector properties in place.
 
-use super::{contains, lossy, DeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use super::{contains, lossy, HostDeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
 use crate::util::c_number;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -126,7 +126,7 @@ impl<'a> KeyvalDevice<'a> {
         Ok(Some(KeyvalDevice { elements, selector }))
     }
 
-    pub(super) fn render(&self, facts: &DeviceFacts, mode: Mode) -> Vec<u8> {
+    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
         let replacement = match (mode, facts.hostport.as_deref()) {
             (Mode::Port, Some(port)) => format!("hostbus={},hostport={port}", facts.bus),
             _ => format!(
@@ -157,7 +157,7 @@ impl<'a> KeyvalDevice<'a> {
 mod tests {
     use crate::wrapper::qemu_args::tests::{facts, os, rewrite_with};
     use crate::wrapper::qemu_args::{
-        rewrite_args, Decision, DeviceFacts, Mode, Outcome, QemuArgsError, Selector,
+        rewrite_args, Decision, HostDeviceFacts, Mode, Outcome, QemuArgsError, Selector,
     };
 
     #[test]
@@ -233,7 +233,7 @@ mod tests {
     fn port_mode_without_a_known_port_falls_back_to_ids() {
         let words = os(&["-device", "usb-host,hostbus=1,hostaddr=5"]);
         let (out, _) = rewrite_args(&words, |_| Decision::Rewrite {
-            facts: DeviceFacts {
+            facts: HostDeviceFacts {
                 hostport: None,
                 ..facts()
             },

@@ -1,7 +1,7 @@
 //! The legacy spelling `-usbdevice host:BUS.ADDR` or `host:VID:PID` (QEMU before 2.x),
 //! rewritten to its autoconnect filter `host:auto:...`.
 
-use super::{lossy, DeviceFacts, Mode, QemuArgsError, Selector};
+use super::{lossy, HostDeviceFacts, Mode, QemuArgsError, Selector};
 use crate::util::c_number::strtoul;
 
 pub(super) struct LegacySpec {
@@ -53,7 +53,7 @@ impl LegacySpec {
 
 /// The legacy autoconnect filter `auto:BUS.DEV:VID:PID`: bus and dev decimal, vid and pid
 /// hex, `*` for any.
-pub(super) fn render_legacy(facts: &DeviceFacts, mode: Mode) -> Vec<u8> {
+pub(super) fn render_legacy(facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
     let bus = match mode {
         Mode::Id => "*".to_string(),
         Mode::Port => facts.bus.to_string(),

@@ -54,9 +54,10 @@ pub enum Selector {
     VendorProduct { vendor_id: u16, product_id: u16 },
 }
 
-/// Facts about the device a selector names, read at launch.
+/// Facts about the host device a selector names, read at launch: what a rewritten
+/// argument names the device by.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceFacts {
+pub struct HostDeviceFacts {
     pub vendor_id: u16,
     pub product_id: u16,
     pub bus: u32,
@@ -78,7 +79,7 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Rewrite {
-        facts: DeviceFacts,
+        facts: HostDeviceFacts,
         mode: Mode,
     },
     /// Leave the argument as it is (policy says so); nothing is logged.
@@ -303,7 +304,7 @@ impl Parsed<'_> {
         }
     }
 
-    fn render(&self, facts: &DeviceFacts, mode: Mode) -> Vec<u8> {
+    fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
         match self {
             Parsed::Legacy(_) => render_legacy(facts, mode),
             Parsed::Keyval(device) => device.render(facts, mode),
@@ -343,8 +344,8 @@ mod tests {
         words.iter().map(OsString::from).collect()
     }
 
-    pub(super) fn facts() -> DeviceFacts {
-        DeviceFacts {
+    pub(super) fn facts() -> HostDeviceFacts {
+        HostDeviceFacts {
             vendor_id: 0x046d,
             product_id: 0xc52b,
             bus: 1,
