@@ -1,8 +1,8 @@
 //! The per-device decision: whether and how to rewrite each usb-host argument, from the
 //! rules for this guest and the settings' default mode.
 
-use super::qemu_args::{Decision, HostDeviceFacts, Mode, Selector};
-use super::settings::DefaultMode;
+use super::qemu_args::{Decision, HostDeviceFacts, Selector};
+use super::settings::WrapperMode;
 use crate::host::sysfs::SysfsUsb;
 use crate::model::UsbDevice;
 use crate::rules::{Config, ConfigError, ReconnectMode};
@@ -20,7 +20,7 @@ enum Rules {
 pub(super) struct Policy {
     sysfs: SysfsUsb,
     rules: Rules,
-    explicit_mode: Option<DefaultMode>,
+    explicit_mode: Option<WrapperMode>,
     /// This guest's name from `-name`; `None` when the command line has none.
     guest: Option<String>,
     /// The guest's name for messages.
@@ -36,7 +36,7 @@ impl Policy {
     pub(super) fn new(
         sysfs_root: PathBuf,
         rules_path: PathBuf,
-        explicit_mode: Option<DefaultMode>,
+        explicit_mode: Option<WrapperMode>,
         guest: Option<String>,
         vm: String,
     ) -> Policy {
@@ -78,20 +78,20 @@ impl Policy {
 
     /// The mode for a device no rule names: the explicit setting, else `id` unless the
     /// rules file names devices, in which case only those are the wrapper's business.
-    fn default_mode(&mut self) -> DefaultMode {
+    fn default_mode(&mut self) -> WrapperMode {
         if let Some(mode) = self.explicit_mode {
             return mode;
         }
         match self.rules() {
-            Some(config) if !config.rules.is_empty() => DefaultMode::Keep,
-            _ => DefaultMode::Id,
+            Some(config) if !config.rules.is_empty() => WrapperMode::Keep,
+            _ => WrapperMode::Reconnect(ReconnectMode::Id),
         }
     }
 
     /// The first rule naming both this device and this guest decides; a rule for another
     /// VM must not set this guest's mode. Without a guest name every rule counts (as the
     /// daemon's first-match would), and the note says so.
-    fn mode_for(&mut self, device: Option<&UsbDevice>) -> (DefaultMode, String) {
+    fn mode_for(&mut self, device: Option<&UsbDevice>) -> (WrapperMode, String) {
         let guest = self.guest.clone();
         let unfiltered = match (&guest, self.rules()) {
             (None, Some(_)) => " (no guest name on the command line: rules for every vm count)",
@@ -107,11 +107,10 @@ impl Policy {
                 })
             });
             if let Some(rule) = rule {
-                let mode = match rule.reconnect {
-                    ReconnectMode::Id => DefaultMode::Id,
-                    ReconnectMode::Port => DefaultMode::Port,
-                };
-                return (mode, format!("rule={}{unfiltered}", rule.name));
+                return (
+                    WrapperMode::Reconnect(rule.reconnect),
+                    format!("rule={}{unfiltered}", rule.name),
+                );
             }
         }
         let mode = self.default_mode();
@@ -171,17 +170,21 @@ impl Policy {
             ),
         };
         let mode = match mode {
-            DefaultMode::Keep => {
+            WrapperMode::Keep => {
                 self.notes.push(String::new());
                 return Decision::Keep;
             }
-            DefaultMode::Id => Mode::Id,
-            DefaultMode::Port if facts.hostport.is_some() || facts.bus != 0 => Mode::Port,
-            DefaultMode::Port => Mode::Id,
+            // A device that is not present has neither port nor bus to name.
+            WrapperMode::Reconnect(ReconnectMode::Port)
+                if facts.hostport.is_none() && facts.bus == 0 =>
+            {
+                ReconnectMode::Id
+            }
+            WrapperMode::Reconnect(mode) => mode,
         };
         let mode_name = match mode {
-            Mode::Id => "id",
-            Mode::Port => "port",
+            ReconnectMode::Id => "id",
+            ReconnectMode::Port => "port",
         };
         self.notes
             .push(format!("device={described} {source} mode={mode_name}"));

@@ -1,6 +1,7 @@
 //! The wrapper's settings: its own small file (`/etc/usbpass/usbpass-qemu.conf`) and the
 //! environment variables over it.
 
+use crate::rules::ReconnectMode;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -16,19 +17,20 @@ pub(super) const ENV_SYSFS: &str = "USBPASS_SYSFS_ROOT";
 
 /// What the settings say to do with a device no rule names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum DefaultMode {
-    Id,
-    Port,
+pub(super) enum WrapperMode {
+    /// Rewrite the argument so that QEMU reconnects the device by ID or by port, as a
+    /// rule's `reconnect` key would.
+    Reconnect(ReconnectMode),
     /// Leave the argument as libvirt wrote it.
     Keep,
 }
 
-impl DefaultMode {
-    fn parse(text: &str) -> Option<DefaultMode> {
+impl WrapperMode {
+    fn parse(text: &str) -> Option<WrapperMode> {
         match text.trim() {
-            "id" => Some(DefaultMode::Id),
-            "port" => Some(DefaultMode::Port),
-            "keep" | "off" => Some(DefaultMode::Keep),
+            "id" => Some(WrapperMode::Reconnect(ReconnectMode::Id)),
+            "port" => Some(WrapperMode::Reconnect(ReconnectMode::Port)),
+            "keep" | "off" => Some(WrapperMode::Keep),
             _ => None,
         }
     }
@@ -38,7 +40,7 @@ impl DefaultMode {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct Settings {
     pub(super) emulator: Option<PathBuf>,
-    pub(super) mode: Option<DefaultMode>,
+    pub(super) mode: Option<WrapperMode>,
     pub(super) rules_path: Option<PathBuf>,
     pub(super) sysfs_root: Option<PathBuf>,
 }
@@ -64,7 +66,7 @@ fn parse_settings(text: &str, path: &Path, warnings: &mut Vec<String>) -> Settin
         match key {
             "emulator" => settings.emulator = Some(PathBuf::from(value)),
             "rules" => settings.rules_path = Some(PathBuf::from(value)),
-            "mode" => match DefaultMode::parse(value) {
+            "mode" => match WrapperMode::parse(value) {
                 Some(mode) => settings.mode = Some(mode),
                 None => warnings.push(format!(
                     "{}:{}:1: mode must be id, port or keep, not {value:?}",
@@ -105,7 +107,7 @@ pub(super) fn load_settings(
         settings.emulator = Some(PathBuf::from(emulator));
     }
     if let Some(mode) = env(ENV_MODE).filter(|v| !v.is_empty()) {
-        match DefaultMode::parse(&mode.to_string_lossy()) {
+        match WrapperMode::parse(&mode.to_string_lossy()) {
             Some(mode) => settings.mode = Some(mode),
             None => warnings.push(format!(
                 "{ENV_MODE} must be id, port or keep, not {:?}",
@@ -137,7 +139,10 @@ mod tests {
             &mut warnings,
         );
         assert_eq!(settings.emulator, Some(PathBuf::from("/opt/qemu")));
-        assert_eq!(settings.mode, Some(DefaultMode::Port));
+        assert_eq!(
+            settings.mode,
+            Some(WrapperMode::Reconnect(ReconnectMode::Port))
+        );
         assert_eq!(settings.rules_path, Some(PathBuf::from("/x.toml")));
         assert_eq!(warnings.len(), 3);
         assert!(warnings[0].starts_with("/etc/s.conf:5:1: unknown key"));
@@ -158,7 +163,7 @@ mod tests {
             &mut warnings,
         );
         assert_eq!(settings.emulator, Some(PathBuf::from("/from/env")));
-        assert_eq!(settings.mode, Some(DefaultMode::Keep));
+        assert_eq!(settings.mode, Some(WrapperMode::Keep));
         assert!(warnings.is_empty());
     }
 }

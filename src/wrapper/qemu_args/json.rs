@@ -1,7 +1,8 @@
 //! The JSON spelling `-device {"driver":"usb-host",...}` that libvirt 8 and later write:
 //! every member but the selector is copied byte for byte.
 
-use super::{contains, lossy, HostDeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use super::{contains, lossy, HostDeviceFacts, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use crate::rules::ReconnectMode;
 use std::ffi::OsString;
 
 /// One member of the top-level JSON object, with its byte span (from the key's opening
@@ -70,10 +71,10 @@ impl<'a> JsonDevice<'a> {
         }))
     }
 
-    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
+    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: ReconnectMode) -> Vec<u8> {
         // QEMU's JSON visitor wants numbers for integer properties, not strings.
         let replacement = match (mode, facts.hostport.as_deref()) {
-            (Mode::Port, Some(port)) => format!(
+            (ReconnectMode::Port, Some(port)) => format!(
                 "\"hostbus\":{},\"hostport\":{}",
                 facts.bus,
                 serde_json::Value::from(port)
@@ -219,13 +220,14 @@ impl JsonScanner<'_> {
 
 #[cfg(test)]
 mod tests {
+    use crate::rules::ReconnectMode;
     use crate::wrapper::qemu_args::tests::rewrite_with;
-    use crate::wrapper::qemu_args::{ArgForm, Mode, Outcome, QemuArgsError};
+    use crate::wrapper::qemu_args::{ArgForm, Outcome, QemuArgsError};
 
     #[test]
     fn json_from_libvirt_keeps_every_other_member_byte_for_byte() {
         let value = r#"{"driver":"usb-host","hostdevice":"/dev/bus/usb/001/005","id":"hostdev0","bootindex":1,"bus":"usb.0","port":"1"}"#;
-        let (out, outcomes, _) = rewrite_with(&["-device", value], Mode::Id);
+        let (out, outcomes, _) = rewrite_with(&["-device", value], ReconnectMode::Id);
         assert_eq!(
             out[1],
             r#"{"driver":"usb-host","vendorid":1133,"productid":50475,"id":"hostdev0","bootindex":1,"bus":"usb.0","port":"1"}"#
@@ -244,7 +246,7 @@ mod tests {
     #[test]
     fn json_port_mode_and_odd_spacing() {
         let value = "{ \"hostbus\" : 1 ,\n \"driver\":\"usb-host\", \"hostaddr\":5, \"id\":\"a \\\"q\\\" b\" }";
-        let (out, _, _) = rewrite_with(&["-device", value], Mode::Port);
+        let (out, _, _) = rewrite_with(&["-device", value], ReconnectMode::Port);
         assert_eq!(
             out[1],
             "{\"hostbus\":1,\"hostport\":\"2.3\",\"driver\":\"usb-host\",\"id\":\"a \\\"q\\\" b\"}"
@@ -254,11 +256,11 @@ mod tests {
     #[test]
     fn json_string_numbers_are_reported_not_rewritten() {
         let value = r#"{"driver":"usb-host","hostbus":"1","hostaddr":5}"#;
-        let (out, outcomes, _) = rewrite_with(&["-device", value], Mode::Id);
+        let (out, outcomes, _) = rewrite_with(&["-device", value], ReconnectMode::Id);
         assert_eq!(out[1], value);
         assert!(matches!(&outcomes[0], Outcome::Unparsed { .. }));
         let broken = r#"{"driver":"usb-host","hostbus":1,"#;
-        let (out, outcomes, _) = rewrite_with(&["-device", broken], Mode::Id);
+        let (out, outcomes, _) = rewrite_with(&["-device", broken], ReconnectMode::Id);
         assert_eq!(out[1], broken);
         assert!(matches!(
             &outcomes[0],

@@ -1,7 +1,8 @@
 //! The keyval spelling `-device usb-host,hostbus=1,hostaddr=5,...` (QemuOpts): splitting
 //! at single commas, QEMU's number rules, and replacing the selector properties in place.
 
-use super::{contains, lossy, HostDeviceFacts, Mode, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use super::{contains, lossy, HostDeviceFacts, QemuArgsError, Selector, SELECTOR_PROPERTIES};
+use crate::rules::ReconnectMode;
 use crate::util::c_number;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
@@ -126,9 +127,9 @@ impl<'a> KeyvalDevice<'a> {
         Ok(Some(KeyvalDevice { elements, selector }))
     }
 
-    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
+    pub(super) fn render(&self, facts: &HostDeviceFacts, mode: ReconnectMode) -> Vec<u8> {
         let replacement = match (mode, facts.hostport.as_deref()) {
-            (Mode::Port, Some(port)) => format!("hostbus={},hostport={port}", facts.bus),
+            (ReconnectMode::Port, Some(port)) => format!("hostbus={},hostport={port}", facts.bus),
             _ => format!(
                 "vendorid=0x{:04x},productid=0x{:04x}",
                 facts.vendor_id, facts.product_id
@@ -155,9 +156,10 @@ impl<'a> KeyvalDevice<'a> {
 
 #[cfg(test)]
 mod tests {
+    use crate::rules::ReconnectMode;
     use crate::wrapper::qemu_args::tests::{facts, os, rewrite_with};
     use crate::wrapper::qemu_args::{
-        rewrite_args, Decision, HostDeviceFacts, Mode, Outcome, QemuArgsError, Selector,
+        rewrite_args, Decision, HostDeviceFacts, Outcome, QemuArgsError, Selector,
     };
 
     #[test]
@@ -167,7 +169,7 @@ mod tests {
                 "-device",
                 "usb-host,hostbus=1,hostaddr=5,id=hostdev0,bus=usb.0,port=1,bootindex=2",
             ],
-            Mode::Id,
+            ReconnectMode::Id,
         );
         assert_eq!(asked, vec![Selector::BusAddress { bus: 1, address: 5 }]);
         assert_eq!(
@@ -183,7 +185,7 @@ mod tests {
                 "-device",
                 "usb-host,id=h,hostaddr=5,hostbus=1,guest-reset=off",
             ],
-            Mode::Port,
+            ReconnectMode::Port,
         );
         assert_eq!(
             out[1],
@@ -195,11 +197,13 @@ mod tests {
     fn keyval_numbers_follow_qemu_base_rules() {
         let (_, _, asked) = rewrite_with(
             &["-device", "driver=usb-host,hostbus=0x2,hostaddr=010"],
-            Mode::Id,
+            ReconnectMode::Id,
         );
         assert_eq!(asked, vec![Selector::BusAddress { bus: 2, address: 8 }]);
-        let (out, outcomes, _) =
-            rewrite_with(&["-device", "usb-host,hostbus=1,hostaddr=08"], Mode::Id);
+        let (out, outcomes, _) = rewrite_with(
+            &["-device", "usb-host,hostbus=1,hostaddr=08"],
+            ReconnectMode::Id,
+        );
         assert_eq!(out[1], "usb-host,hostbus=1,hostaddr=08");
         assert!(matches!(
             &outcomes[0],
@@ -211,7 +215,7 @@ mod tests {
     fn keyval_escaped_commas_stay_escaped() {
         let (out, _, _) = rewrite_with(
             &["-device", "usb-host,hostbus=1,hostaddr=5,id=a,,b"],
-            Mode::Id,
+            ReconnectMode::Id,
         );
         assert_eq!(out[1], "usb-host,vendorid=0x046d,productid=0xc52b,id=a,,b");
     }
@@ -220,7 +224,7 @@ mod tests {
     fn keyval_hostdevice_is_a_selector() {
         let (out, _, asked) = rewrite_with(
             &["-device", "usb-host,hostdevice=/dev/bus/usb/001/005,id=x"],
-            Mode::Id,
+            ReconnectMode::Id,
         );
         assert_eq!(
             asked,
@@ -237,7 +241,7 @@ mod tests {
                 hostport: None,
                 ..facts()
             },
-            mode: Mode::Port,
+            mode: ReconnectMode::Port,
         });
         assert_eq!(out[1], "usb-host,vendorid=0x046d,productid=0xc52b");
     }

@@ -1,7 +1,8 @@
 //! The legacy spelling `-usbdevice host:BUS.ADDR` or `host:VID:PID` (QEMU before 2.x),
 //! rewritten to its autoconnect filter `host:auto:...`.
 
-use super::{lossy, HostDeviceFacts, Mode, QemuArgsError, Selector};
+use super::{lossy, HostDeviceFacts, QemuArgsError, Selector};
+use crate::rules::ReconnectMode;
 use crate::util::c_number::strtoul;
 
 pub(super) struct LegacySpec {
@@ -53,10 +54,10 @@ impl LegacySpec {
 
 /// The legacy autoconnect filter `auto:BUS.DEV:VID:PID`: bus and dev decimal, vid and pid
 /// hex, `*` for any.
-pub(super) fn render_legacy(facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
+pub(super) fn render_legacy(facts: &HostDeviceFacts, mode: ReconnectMode) -> Vec<u8> {
     let bus = match mode {
-        Mode::Id => "*".to_string(),
-        Mode::Port => facts.bus.to_string(),
+        ReconnectMode::Id => "*".to_string(),
+        ReconnectMode::Port => facts.bus.to_string(),
     };
     format!(
         "host:auto:{bus}.*:{:04x}:{:04x}",
@@ -67,8 +68,9 @@ pub(super) fn render_legacy(facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use crate::rules::ReconnectMode;
     use crate::wrapper::qemu_args::tests::rewrite_with;
-    use crate::wrapper::qemu_args::{Mode, Outcome, Selector};
+    use crate::wrapper::qemu_args::{Outcome, Selector};
 
     #[test]
     fn legacy_forms() {
@@ -99,18 +101,18 @@ mod tests {
             ("tablet", None, "tablet"),
         ];
         for (value, selector, expected) in cases {
-            let (out, _, asked) = rewrite_with(&["-usbdevice", value], Mode::Id);
+            let (out, _, asked) = rewrite_with(&["-usbdevice", value], ReconnectMode::Id);
             assert_eq!(asked.first(), selector.as_ref(), "{value}");
             assert_eq!(out[1], *expected, "{value}");
         }
-        let (out, _, _) = rewrite_with(&["--usbdevice", "host:3.7"], Mode::Port);
+        let (out, _, _) = rewrite_with(&["--usbdevice", "host:3.7"], ReconnectMode::Port);
         assert_eq!(out[1], "host:auto:1.*:046d:c52b");
     }
 
     #[test]
     fn legacy_octal_stops_at_eight_as_strtoul_does() {
         // strtoul("008", 0) reads "00" and stops at '8': device 0, which names nothing.
-        let (out, outcomes, _) = rewrite_with(&["-usbdevice", "host:001.008"], Mode::Id);
+        let (out, outcomes, _) = rewrite_with(&["-usbdevice", "host:001.008"], ReconnectMode::Id);
         assert_eq!(out[1], "host:001.008");
         assert!(matches!(&outcomes[0], Outcome::Unparsed { .. }));
     }

@@ -6,6 +6,7 @@
 //! node) to the device's facts and picks a mode, through the closure it hands to
 //! [`rewrite_args`].
 
+use crate::rules::ReconnectMode;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
@@ -66,21 +67,16 @@ pub struct HostDeviceFacts {
     pub hostport: Option<String>,
 }
 
-/// How to rewrite one argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// `vendorid`+`productid` (legacy: `auto:*.*:VID:PID`): any port, any bus.
-    Id,
-    /// `hostbus`+`hostport` (legacy, which has no port: `auto:BUS.*:VID:PID`).
-    Port,
-}
-
 /// The caller's answer for one selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Name the device by `mode`: [`ReconnectMode::Id`] writes `vendorid`+`productid`
+    /// (legacy: `auto:*.*:VID:PID`), any port, any bus; [`ReconnectMode::Port`] writes
+    /// `hostbus`+`hostport` (legacy, which has no port: `auto:BUS.*:VID:PID`), or the IDs
+    /// when the port is not known.
     Rewrite {
         facts: HostDeviceFacts,
-        mode: Mode,
+        mode: ReconnectMode,
     },
     /// Leave the argument as it is (policy says so); nothing is logged.
     Keep,
@@ -304,7 +300,7 @@ impl Parsed<'_> {
         }
     }
 
-    fn render(&self, facts: &HostDeviceFacts, mode: Mode) -> Vec<u8> {
+    fn render(&self, facts: &HostDeviceFacts, mode: ReconnectMode) -> Vec<u8> {
         match self {
             Parsed::Legacy(_) => render_legacy(facts, mode),
             Parsed::Keyval(device) => device.render(facts, mode),
@@ -355,7 +351,7 @@ mod tests {
 
     pub(super) fn rewrite_with(
         words: &[&str],
-        mode: Mode,
+        mode: ReconnectMode,
     ) -> (Vec<OsString>, Vec<Outcome>, Vec<Selector>) {
         let mut asked = Vec::new();
         let (out, outcomes) = rewrite_args(&os(words), |selector| {
@@ -379,7 +375,7 @@ mod tests {
             r#"{"driver":"usb-host","vendorid":1133,"productid":50475}"#,
             r#"{"driver":"usb-tablet","id":"usb-host"}"#,
         ] {
-            let (out, outcomes, asked) = rewrite_with(&["-device", value], Mode::Id);
+            let (out, outcomes, asked) = rewrite_with(&["-device", value], ReconnectMode::Id);
             assert_eq!(out[1], value);
             assert!(outcomes.is_empty(), "{value}");
             assert!(asked.is_empty(), "{value}");
@@ -399,7 +395,7 @@ mod tests {
             "-usbdevice",
             "tablet",
         ];
-        let (out, outcomes, asked) = rewrite_with(&words, Mode::Id);
+        let (out, outcomes, asked) = rewrite_with(&words, ReconnectMode::Id);
         assert_eq!(out, os(&words));
         assert!(outcomes.is_empty());
         assert!(asked.is_empty());
@@ -415,7 +411,7 @@ mod tests {
             "-device",
             "usb-host,hostbus=1,hostaddr=5",
         ];
-        let (out, _, _) = rewrite_with(&words, Mode::Id);
+        let (out, _, _) = rewrite_with(&words, ReconnectMode::Id);
         assert_eq!(out[5], "usb-host,vendorid=0x046d,productid=0xc52b");
         assert_eq!(out[..5], os(&words)[..5]);
     }
@@ -444,7 +440,7 @@ mod tests {
         ];
         let (out, _) = rewrite_args(&words, |_| Decision::Rewrite {
             facts: facts(),
-            mode: Mode::Id,
+            mode: ReconnectMode::Id,
         });
         odd = b"usb-host,vendorid=0x046d,productid=0xc52b,id=\xff\xfe".to_vec();
         assert_eq!(out[1].as_bytes(), &odd[..]);
