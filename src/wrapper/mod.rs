@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 
 use crate::rules::DEFAULT_CONFIG_PATH;
 
-/// The wrapper's name in log lines, and the argv[0] name that means "no emulator to
+/// The wrapper's name in log lines, and the `argv[0]` name that means "no emulator to
 /// stand in for".
 pub const WRAPPER_NAME: &str = "usbpass-qemu";
 
-/// What to exec: the real emulator and its argument list, argv[0] first.
+/// What to exec: the real emulator and its argument list, `argv[0]` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreparedExec {
     pub emulator: PathBuf,

@@ -25,6 +25,7 @@ pub(super) struct Policy {
     guest: Option<String>,
     /// The guest's name for messages.
     vm: String,
+    /// Lines for the log that belong to no one argument (a broken rules file).
     pub(super) warnings: Vec<String>,
     /// What each decision was based on, by argument, for the info line.
     pub(super) notes: Vec<String>,
@@ -122,6 +123,8 @@ impl Policy {
         (mode, format!("rule=none from={source}{unfiltered}"))
     }
 
+    /// The answer `qemu_args::rewrite_args` asks for, for one selector; leaves one note
+    /// per call.
     pub(super) fn decide(&mut self, selector: &Selector) -> Decision {
         let device = match selector {
             Selector::BusAddress { bus, address } => {

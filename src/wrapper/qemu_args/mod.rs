@@ -172,7 +172,7 @@ fn takes_value(name: &[u8]) -> bool {
     !OPTIONS_WITHOUT_VALUE.iter().any(|o| o.as_bytes() == name)
 }
 
-/// Rewrites every usb-host argument in `args` (argv without argv[0]) for which `decide`
+/// Rewrites every usb-host argument in `args` (argv without `argv[0]`) for which `decide`
 /// returns [`Decision::Rewrite`]. Every other word, and every byte of the words it
 /// does not rewrite, stays as it was. Returns the new argument list and one outcome per
 /// usb-host argument found.
