@@ -11,7 +11,6 @@ use crate::host::attributes::{
 };
 use crate::model::port::parent_hub_of;
 use crate::model::{InterfaceClass, UsbDevice};
-use crate::wrapper::qemu_args::DeviceFacts;
 use std::ffi::OsStr;
 use std::ffi::OsString;
 use std::fs;
@@ -186,23 +185,6 @@ pub fn parse_bus_usb_path(path: &OsStr) -> Option<(u32, u32)> {
     Some((number(bus)?, number(address)?))
 }
 
-/// QEMU's `hostport` for a kernel port path: `1-2.3` → `2.3`. Root hubs (`usb1`) have
-/// none.
-pub fn hostport_of(port_path: &str) -> Option<String> {
-    let (_, ports) = port_path.split_once('-')?;
-    (!ports.is_empty()).then(|| ports.to_string())
-}
-
-/// The facts `qemu_args` needs, from a device read here.
-pub fn facts_of(device: &UsbDevice) -> DeviceFacts {
-    DeviceFacts {
-        vendor_id: device.vendor_id,
-        product_id: device.product_id,
-        bus: u32::from(device.bus),
-        hostport: hostport_of(&device.port_path),
-    }
-}
-
 /// A device folder read straight from sysfs: the attributes the udev reader sees, and no
 /// udev properties.
 struct SysfsDevice {
@@ -352,9 +334,6 @@ mod tests {
         assert_eq!(device.serial.as_deref(), Some("ABC 123"));
         assert_eq!(device.interface_classes.len(), 1);
         assert_eq!(device.interface_classes[0].class, 3);
-        let facts = facts_of(&device);
-        assert_eq!(facts.hostport.as_deref(), Some("2.3"));
-        assert_eq!(facts.bus, 1);
     }
 
     #[test]
@@ -437,11 +416,5 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, SysfsUsbError::ListDevices { .. }));
         assert!(error.to_string().contains("bus/usb/devices"));
-    }
-
-    #[test]
-    fn hostport_of_root_hub_is_none() {
-        assert_eq!(hostport_of("usb1"), None);
-        assert_eq!(hostport_of("3-1.4.2"), Some("1.4.2".to_string()));
     }
 }
