@@ -38,9 +38,22 @@ pub fn parent_hub_of(port_path: &str) -> Option<String> {
     }
 }
 
+/// QEMU's `hostport` for a kernel port path: `1-2.3` → `2.3`. Root hubs (`usb1`) have
+/// none.
+pub fn hostport_of(port_path: &str) -> Option<String> {
+    let (_, ports) = port_path.split_once('-')?;
+    (!ports.is_empty()).then(|| ports.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostport_of_root_hub_is_none() {
+        assert_eq!(hostport_of("usb1"), None);
+        assert_eq!(hostport_of("3-1.4.2"), Some("1.4.2".to_string()));
+    }
 
     #[test]
     fn port_paths() {

@@ -66,6 +66,16 @@ pub enum ReconnectMode {
     Port,
 }
 
+impl ReconnectMode {
+    /// The word for it in the rules file (`reconnect = "port"`) and in the wrapper's log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReconnectMode::Id => "id",
+            ReconnectMode::Port => "port",
+        }
+    }
+}
+
 /// A class pattern: class, subclass and protocol, each `None` for "any".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassPattern {

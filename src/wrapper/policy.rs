@@ -4,6 +4,7 @@
 use super::qemu_args::{Decision, HostDeviceFacts, Selector};
 use super::settings::WrapperMode;
 use crate::host::sysfs::SysfsUsb;
+use crate::model::port::hostport_of;
 use crate::model::UsbDevice;
 use crate::rules::{Config, ConfigError, ReconnectMode};
 use std::path::{Path, PathBuf};
@@ -185,21 +186,12 @@ impl Policy {
             }
             WrapperMode::Reconnect(mode) => mode,
         };
-        let mode_name = match mode {
-            ReconnectMode::Id => "id",
-            ReconnectMode::Port => "port",
-        };
-        self.notes
-            .push(format!("device={described} {source} mode={mode_name}"));
+        self.notes.push(format!(
+            "device={described} {source} mode={}",
+            mode.as_str()
+        ));
         Decision::Rewrite { facts, mode }
     }
-}
-
-/// QEMU's `hostport` for a kernel port path: `1-2.3` → `2.3`. Root hubs (`usb1`) have
-/// none.
-fn hostport_of(port_path: &str) -> Option<String> {
-    let (_, ports) = port_path.split_once('-')?;
-    (!ports.is_empty()).then(|| ports.to_string())
 }
 
 /// The facts `qemu_args` needs, from a device read in sysfs.
@@ -223,11 +215,5 @@ mod tests {
         let facts = facts_of(&device);
         assert_eq!(facts.hostport.as_deref(), Some("2.3"));
         assert_eq!(facts.bus, 1);
-    }
-
-    #[test]
-    fn hostport_of_root_hub_is_none() {
-        assert_eq!(hostport_of("usb1"), None);
-        assert_eq!(hostport_of("3-1.4.2"), Some("1.4.2".to_string()));
     }
 }
