@@ -3,10 +3,12 @@
 //! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
 //! reconnect or the watchdog is due.
 
+pub mod clock;
 pub mod notify;
 pub mod state;
 pub mod watch;
 
+use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
 use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
@@ -87,12 +89,13 @@ pub struct DaemonOptions {
     pub watchdog: Option<Duration>,
 }
 
-pub struct Daemon<C: Connector, S: DeviceSource> {
+pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     connector: C,
     device_source: S,
     options: DaemonOptions,
     events_sender: Sender<Event>,
     events: Receiver<Event>,
+    clock: K,
     config: Config,
     config_error: Option<String>,
     devices: BTreeMap<String, UsbDevice>,
@@ -138,12 +141,37 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         events_sender: Sender<Event>,
         events: Receiver<Event>,
     ) -> Self {
+        Daemon::with_clock(
+            connector,
+            device_source,
+            config,
+            options,
+            events_sender,
+            events,
+            MonotonicClock,
+        )
+    }
+}
+
+impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
+    /// `new` with the loop's schedule on `clock`.
+    pub fn with_clock(
+        connector: C,
+        device_source: S,
+        config: Config,
+        options: DaemonOptions,
+        events_sender: Sender<Event>,
+        events: Receiver<Event>,
+        clock: K,
+    ) -> Self {
+        let now = clock.now();
         Daemon {
             connector,
             device_source,
             options,
             events_sender,
             events,
+            clock,
             config,
             config_error: None,
             devices: BTreeMap::new(),
@@ -154,7 +182,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             recent_failures: std::collections::VecDeque::new(),
             ready_after_converge: false,
             pending_detaches: HashMap::new(),
-            next_reconnect: Some(Instant::now()),
+            next_reconnect: Some(now),
             failures: HashMap::new(),
             woke_at: Instant::now(),
             device_hints: HashMap::new(),
@@ -173,21 +201,13 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         notify::ready(&self.status_line());
         self.schedule_watchdog();
         loop {
-            let event = match self.next_deadline() {
-                None => self.events.recv().map_err(|_| DaemonError::EventsClosed)?,
-                Some(deadline) => {
-                    let timeout = deadline.saturating_duration_since(Instant::now());
-                    match self.events.recv_timeout(timeout) {
-                        Ok(event) => event,
-                        Err(RecvTimeoutError::Timeout) => {
-                            self.on_timeout();
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(DaemonError::EventsClosed)
-                        }
-                    }
+            let event = match self.clock.next_event(&self.events, self.next_deadline()) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.on_timeout();
+                    continue;
                 }
+                Err(RecvTimeoutError::Disconnected) => return Err(DaemonError::EventsClosed),
             };
             self.woke_at = Instant::now();
             self.device_hints.clear();
@@ -217,7 +237,10 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         self.woke_at = Instant::now();
         self.device_hints.clear();
         self.ping_watchdog_if_due();
-        if self.next_deadline().is_some_and(|at| at <= Instant::now()) {
+        if self
+            .next_deadline()
+            .is_some_and(|at| at <= self.clock.now())
+        {
             self.converge();
         }
     }
@@ -238,11 +261,11 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         self.next_watchdog = self
             .options
             .watchdog
-            .map(|interval| Instant::now() + interval);
+            .map(|interval| self.clock.now() + interval);
     }
 
     fn ping_watchdog_if_due(&mut self) {
-        if self.next_watchdog.is_some_and(|at| at <= Instant::now()) {
+        if self.next_watchdog.is_some_and(|at| at <= self.clock.now()) {
             notify::watchdog();
             self.schedule_watchdog();
         }
@@ -342,7 +365,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 if config.uri != self.config.uri {
                     log::info!("libvirt uri changed to {}: reconnecting", config.uri);
                     self.drop_connection("uri changed".to_string());
-                    self.next_reconnect = Some(Instant::now());
+                    self.next_reconnect = Some(self.clock.now());
                     self.reconnect_attempts = 0;
                 }
                 self.config = config;
@@ -365,7 +388,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
     /// Drops from the listing the hostdevs whose detach is under way, and forgets
     /// pending detaches that have finished (gone from the XML) or taken too long.
     fn hide_pending_detaches(&mut self, domains: &mut [DomainView]) {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.pending_detaches.retain(|(domain, alias), requested| {
             let still_listed = domains.iter().any(|d| {
                 d.name == *domain
@@ -396,7 +419,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
         self.connection_failures += 1;
         let delay = backoff(self.connection_failures);
-        let at = Instant::now() + delay;
+        let at = self.clock.now() + delay;
         if self.next_reconnect.is_none_or(|next| next < at) {
             log::info!("reconnecting to libvirt in {} ms", delay.as_millis());
             self.next_reconnect = Some(at);
@@ -410,7 +433,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         self.libvirt_error = Some(reason);
         self.running_vms.clear();
         if self.next_reconnect.is_none() {
-            self.next_reconnect = Some(Instant::now());
+            self.next_reconnect = Some(self.clock.now());
         }
     }
 
@@ -418,7 +441,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         if self.hypervisor.is_some() {
             return true;
         }
-        if self.next_reconnect.is_some_and(|at| at > Instant::now()) {
+        if self.next_reconnect.is_some_and(|at| at > self.clock.now()) {
             return false;
         }
         match self
@@ -444,7 +467,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     log::warn!("{error}; retrying in {} ms", delay.as_millis());
                 }
                 self.libvirt_error = Some(error.to_string());
-                self.next_reconnect = Some(Instant::now() + delay);
+                self.next_reconnect = Some(self.clock.now() + delay);
                 false
             }
         }
@@ -471,7 +494,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     .iter()
                     .any(|a| a.domain() == key.0 && *a.alias() == *key.1)
             });
-            let now = Instant::now();
+            let now = self.clock.now();
             let due: Vec<Action> = plan
                 .actions
                 .iter()
@@ -568,7 +591,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             Ok(()) => {
                 log::info!("{line} result=ok call_ms={call_ms}");
                 if matches!(action, Action::Detach { .. }) {
-                    self.pending_detaches.insert(key.clone(), Instant::now());
+                    self.pending_detaches.insert(key.clone(), self.clock.now());
                 }
                 self.failures.remove(&key);
                 true
@@ -613,7 +636,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                     key,
                     Failure {
                         record,
-                        next_attempt: delay.map(|d| Instant::now() + d),
+                        next_attempt: delay.map(|d| self.clock.now() + d),
                     },
                 );
                 if kind == FailureKind::ConnectionLost {

@@ -5,7 +5,8 @@ use super::*;
 use crate::event::DomainChange;
 use crate::testing::devices::device;
 use crate::testing::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 const RULES: &str = r#"
@@ -15,8 +16,118 @@ id = "046d:c52b"
 vm = ["win11", "fedora"]
 "#;
 
+/// How long one poll of the loop's channel lasts on the manual clock, in real time.
+const POLL: Duration = Duration::from_millis(1);
+/// How long a test waits for the loop before it fails, in real time.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A clock that moves only when the test moves it, so that no retry, reconnect or
+/// grace time comes due because the machine is slow, and the test can read the
+/// schedule the loop chose instead of counting calls in a time window. The loop waits
+/// on it in short real polls of its channel; a poll that finds the channel empty is the
+/// loop idle, which is how the test knows the loop has handled everything sent to it.
+/// A loop that spun, waking again and again for a deadline already past, would never
+/// be idle: the test waiting for it would fail.
+#[derive(Clone)]
+struct ManualClock(Arc<SharedClock>);
+
+struct SharedClock {
+    state: Mutex<ClockState>,
+    /// Signalled whenever a poll finds the channel empty.
+    idle: Condvar,
+}
+
+struct ClockState {
+    now: Instant,
+    /// Polls of the channel begun so far, numbered from 1.
+    polls_begun: u64,
+    /// The last poll that found the channel empty, and the deadline the loop was
+    /// waiting for then.
+    idle: Option<(u64, Option<Instant>)>,
+}
+
+impl ManualClock {
+    fn new() -> ManualClock {
+        let state = ClockState {
+            now: Instant::now(),
+            polls_begun: 0,
+            idle: None,
+        };
+        ManualClock(Arc::new(SharedClock {
+            state: Mutex::new(state),
+            idle: Condvar::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClockState> {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn advance(&self, by: Duration) {
+        self.lock().now += by;
+    }
+
+    /// Waits until the loop is idle in a poll begun after this call, that is, after
+    /// everything sent and every move of the clock before it. Returns what the loop
+    /// waits for then: how long until its next deadline, `None` for an event only.
+    fn settle(&self) -> Option<Duration> {
+        let mut state = self.lock();
+        let begun = state.polls_begun;
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            if let Some((poll, deadline)) = state.idle {
+                if poll > begun {
+                    return deadline.map(|at| at.saturating_duration_since(state.now));
+                }
+            }
+            let left = give_up.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the loop did not become idle");
+            state = self
+                .0
+                .idle
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.lock().now
+    }
+
+    fn next_event(
+        &self,
+        events: &Receiver<Event>,
+        deadline: Option<Instant>,
+    ) -> Result<Event, RecvTimeoutError> {
+        loop {
+            let poll = {
+                let mut state = self.lock();
+                if deadline.is_some_and(|at| at <= state.now) {
+                    return Err(RecvTimeoutError::Timeout);
+                }
+                state.polls_begun += 1;
+                state.polls_begun
+            };
+            match events.recv_timeout(POLL) {
+                Err(RecvTimeoutError::Timeout) => {
+                    self.lock().idle = Some((poll, deadline));
+                    self.0.idle.notify_all();
+                }
+                received => return received,
+            }
+        }
+    }
+}
+
 struct Harness {
     world: SharedWorld,
+    clock: ManualClock,
     /// What the device source lists on the next enumeration.
     present: Arc<Mutex<Vec<UsbDevice>>>,
     sender: Sender<Event>,
@@ -38,7 +149,8 @@ impl Harness {
             state_path: directory.path().join("state.json"),
             watchdog: None,
         };
-        let mut daemon = Daemon::new(
+        let clock = ManualClock::new();
+        let mut daemon = Daemon::with_clock(
             FakeConnector {
                 world: world.clone(),
             },
@@ -47,18 +159,19 @@ impl Harness {
             options,
             sender.clone(),
             receiver,
+            clock.clone(),
         );
         let thread = Some(std::thread::spawn(move || daemon.run()));
         let harness = Harness {
             world,
+            clock,
             present,
             sender,
             thread,
             directory,
         };
-        harness.wait_until("the first state file", |_| {
-            harness.directory.path().join("state.json").exists()
-        });
+        // The first reconcile and its state file.
+        harness.clock.settle();
         harness
     }
 
@@ -66,32 +179,22 @@ impl Harness {
         self.sender.send(event).unwrap();
     }
 
-    /// Send an event and wait until the loop has listed domains because of it.
+    /// Send an event and wait until the loop has handled it and is idle again.
     fn send_and_settle(&self, event: Event) {
-        let lists = self.count(|call| *call == Call::ListDomains);
         self.send(event);
-        self.wait_until("a reconcile", |world| {
-            world
-                .calls
-                .iter()
-                .filter(|c| **c == Call::ListDomains)
-                .count()
-                > lists
-        });
-        // The round may list again after acting; let it finish.
-        self.send(Event::Domain {
-            domain: "nobody".into(),
-            change: DomainChange::Other,
-        });
-        let lists = self.count(|call| *call == Call::ListDomains);
-        self.wait_until("a quiet reconcile", |world| {
-            world
-                .calls
-                .iter()
-                .filter(|c| **c == Call::ListDomains)
-                .count()
-                > lists
-        });
+        self.clock.settle();
+    }
+
+    /// Move the loop's clock on and wait until it has done what came due.
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.clock.settle();
+    }
+
+    /// How long the idle loop waits before it acts on its own: the retry, reconnect
+    /// or detach grace it scheduled. `None`: it waits for an event.
+    fn next_wake(&self) -> Option<Duration> {
+        self.clock.settle()
     }
 
     fn count(&self, predicate: impl Fn(&Call) -> bool) -> usize {
@@ -104,7 +207,7 @@ impl Harness {
     }
 
     fn wait_until(&self, what: &str, condition: impl Fn(&FakeWorld) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PATIENCE;
         while !condition(&self.world.lock()) {
             assert!(
                 Instant::now() < deadline,
@@ -210,6 +313,10 @@ fn the_add_race_is_retried_quickly_and_then_succeeds() {
     let mut world = FakeWorld::with_domains(&["win11"]);
     world.failing_attaches = [FailureKind::DeviceNotFound; 2].into();
     let harness = Harness::start(RULES, world, vec![receiver(5)]);
+    assert_eq!(harness.next_wake(), Some(Duration::from_millis(100)));
+    harness.advance(Duration::from_millis(100));
+    assert_eq!(harness.next_wake(), Some(Duration::from_millis(250)));
+    harness.advance(Duration::from_millis(250));
     harness.wait_until("the attach to succeed", |w| {
         w.aliases_in("win11").len() == 1
     });
@@ -253,21 +360,25 @@ fn a_full_controller_is_reported_and_not_retried_in_a_tight_loop() {
 fn a_lost_connection_is_reopened_and_state_healed() {
     let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
     harness.world.lock().refuse_connections = true;
-    harness.send(Event::HypervisorDisconnected {
+    harness.send_and_settle(Event::HypervisorDisconnected {
         reason: "end of file from libvirtd".into(),
     });
-    harness.wait_until("a refused reconnect", |w| {
-        w.calls.iter().filter(|c| **c == Call::Connect).count() >= 2
-    });
-    // While disconnected, a plug is remembered.
-    harness.send(Event::DeviceAdded {
+    // One reconnect at once, refused; each next one waits longer.
+    assert_eq!(harness.count(|c| *c == Call::Connect), 2);
+    assert_eq!(harness.next_wake(), Some(Duration::from_millis(500)));
+    harness.advance(Duration::from_millis(500));
+    assert_eq!(harness.count(|c| *c == Call::Connect), 3);
+    assert_eq!(harness.next_wake(), Some(Duration::from_secs(1)));
+    // While disconnected, a plug is remembered; it does not hurry the reconnect.
+    harness.send_and_settle(Event::DeviceAdded {
         device: receiver(5),
         received: Instant::now(),
     });
+    assert_eq!(harness.count(|c| *c == Call::Connect), 3);
     harness.world.lock().refuse_connections = false;
+    harness.advance(Duration::from_secs(1));
     harness.wait_until("reconnect and attach", |w| w.aliases_in("win11").len() == 1);
-    let connects = harness.count(|c| *c == Call::Connect);
-    assert!((2..=4).contains(&connects), "{connects} connects");
+    assert_eq!(harness.count(|c| *c == Call::Connect), 4);
     harness.stop().unwrap();
 }
 
@@ -327,15 +438,32 @@ fn a_failing_listing_backs_off_instead_of_spinning() {
         .world
         .lock()
         .fail_every_call(Some(FailureKind::Other));
-    harness.send(Event::DeviceAdded {
+    harness.send_and_settle(Event::DeviceAdded {
         device: receiver(5),
         received: Instant::now(),
     });
-    // Backoff 0.5 s, 1 s, ...: in 1.2 s at most a handful of calls, not thousands.
-    std::thread::sleep(Duration::from_millis(1200));
-    let calls = harness.world.lock().calls.len();
-    assert!(calls < 12, "{calls} calls");
+    // Each failed listing drops the connection, and the next connect waits 0.5 s,
+    // 1 s, ...: one connect and one listing per wait, none in between, not even when
+    // hinted.
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let calls = harness.world.lock().calls.len();
+        harness.send_and_settle(Event::Domain {
+            domain: "win11".into(),
+            change: DomainChange::Other,
+        });
+        assert_eq!(harness.world.lock().calls.len(), calls);
+        let wait = harness.next_wake().expect("a reconnect is scheduled");
+        waits.push(wait.as_millis());
+        harness.advance(wait);
+        assert_eq!(
+            harness.world.lock().calls[calls..],
+            [Call::Connect, Call::ListDomains]
+        );
+    }
+    assert_eq!(waits, [500, 1_000, 2_000, 4_000]);
     harness.world.lock().fail_every_call(None);
+    harness.advance(Duration::from_secs(8));
     harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
     harness.stop().unwrap();
 }
@@ -345,15 +473,36 @@ fn a_call_that_breaks_the_connection_every_time_backs_off() {
     let mut world = FakeWorld::with_domains(&["win11"]);
     world.failing_attaches = [FailureKind::ConnectionLost; 100].into();
     let harness = Harness::start(RULES, world, vec![receiver(5)]);
-    // Connect, list, attach (breaks), then reconnects 0.5 s, 1 s, ... apart.
-    std::thread::sleep(Duration::from_millis(1200));
-    let connects = harness.count(|c| *c == Call::Connect);
-    assert!((2..=4).contains(&connects), "{connects} connects in 1.2 s");
+    // Connect, list, attach (breaks), then reconnects 0.5 s doubling to 30 s apart,
+    // each one attempt.
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        let wait = harness.next_wake().expect("a reconnect is scheduled");
+        waits.push(wait.as_millis());
+        harness.advance(wait);
+    }
+    assert_eq!(
+        waits,
+        [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]
+    );
+    assert_eq!(harness.count(|c| *c == Call::Connect), 9);
+    assert_eq!(harness.world.lock().attaches().len(), 9);
     harness.world.lock().failing_attaches.clear();
+    harness.advance(Duration::from_secs(30));
     harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
     let state = harness.state();
     assert!(state.failures.is_empty());
     assert_eq!(state.recent_failures[0].kind, FailureKind::ConnectionLost);
+    // The round that completed reset the backoff: the next loss waits 0.5 s again.
+    harness
+        .world
+        .lock()
+        .fail_every_call(Some(FailureKind::ConnectionLost));
+    harness.send_and_settle(Event::Domain {
+        domain: "win11".into(),
+        change: DomainChange::Other,
+    });
+    assert_eq!(harness.next_wake(), Some(Duration::from_millis(500)));
     harness.stop().unwrap();
 }
 
