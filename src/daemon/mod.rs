@@ -4,14 +4,18 @@
 //! reconnect or the watchdog is due.
 
 pub mod clock;
+mod decision;
+mod executor;
 pub mod notify;
 pub mod state;
 pub mod watch;
 
 use crate::daemon::clock::{Clock, MonotonicClock};
+use crate::daemon::decision::DecisionTiming;
+use crate::daemon::executor::ActionOutcome;
 use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
-use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
+use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
 use crate::model::alias::HostdevAlias;
 use crate::model::{BusAddress, UsbDevice};
 use crate::reconcile::{self, Action, Plan};
@@ -117,12 +121,7 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     ready_after_converge: bool,
     next_reconnect: Option<Instant>,
     failures: HashMap<(String, String), Failure>,
-    /// When the loop received the event it is acting on: decision times count from here,
-    woke_at: Instant,
-    /// or, for a device whose udev event is in this wake's batch, from when the monitor
-    /// received that event. Cleared at every wake: a device plugged while its VM was
-    /// off is attached because the VM started, and counts from that event.
-    device_hints: HashMap<BusAddress, Instant>,
+    timing: DecisionTiming,
     next_watchdog: Option<Instant>,
     started_at: u64,
     last_plan: Plan,
@@ -184,8 +183,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             pending_detaches: HashMap::new(),
             next_reconnect: Some(now),
             failures: HashMap::new(),
-            woke_at: Instant::now(),
-            device_hints: HashMap::new(),
+            timing: DecisionTiming::new(),
             next_watchdog: None,
             started_at: unix_now(),
             last_plan: Plan::default(),
@@ -209,8 +207,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(DaemonError::EventsClosed),
             };
-            self.woke_at = Instant::now();
-            self.device_hints.clear();
+            self.timing.woke();
             let mut stop = self.handle(event)?;
             // Coalesce a burst (a hub full of devices, an editor's several writes)
             // into one reconcile.
@@ -234,8 +231,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     }
 
     fn on_timeout(&mut self) {
-        self.woke_at = Instant::now();
-        self.device_hints.clear();
+        self.timing.woke();
         self.ping_watchdog_if_due();
         if self
             .next_deadline()
@@ -277,7 +273,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         match event {
             Event::DeviceAdded { device, received } => {
                 let address = device.address();
-                self.device_hints.insert(address, received);
+                self.timing.device_event(address, received);
                 self.forget_failures_of_device(address);
                 if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
                     if old.address() != address {
@@ -510,14 +506,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.connection_failures = 0;
                 break;
             }
-            let mut connected = true;
-            for action in due {
-                if !self.execute(action) {
-                    connected = false;
-                    break;
-                }
-            }
-            if !connected {
+            if !self.carry_out(due) {
                 self.lost_connection_backoff();
                 break;
             }
@@ -540,57 +529,33 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
-    /// Applies one action and logs the decision. Returns false when the connection
-    /// broke and the round must end.
-    fn execute(&mut self, action: Action) -> bool {
-        let Some(hypervisor) = self.hypervisor.as_mut() else {
-            return false;
-        };
-        let started = Instant::now();
-        let (result, line) = match &action {
-            Action::Attach {
-                domain,
-                device,
-                alias,
-                rule,
-            } => {
-                let cause = self
-                    .device_hints
-                    .get(&device.address())
-                    .copied()
-                    .unwrap_or(self.woke_at);
-                let decision_us = started.saturating_duration_since(cause).as_micros();
-                let result = hypervisor.attach(domain, &HostdevSpec::new(device, alias.clone()));
-                let line = format!(
-                    "attach device={} addr={} port={} rule={rule} vm={domain} alias={alias}",
-                    device.id(),
-                    device.address(),
-                    device.port_path
-                );
-                (result, format!("{line} decision_us={decision_us}"))
+    /// Carries out the due actions in order. Returns false when one broke the
+    /// connection and the round must end.
+    fn carry_out(&mut self, due: Vec<Action>) -> bool {
+        for action in due {
+            let Some(hypervisor) = self.hypervisor.as_mut() else {
+                return false;
+            };
+            let cause = self.timing.cause(&action);
+            let outcome = executor::execute(hypervisor, action);
+            if !self.book(outcome, cause) {
+                return false;
             }
-            Action::Detach {
-                domain,
-                alias,
-                id,
-                address,
-                reason,
-            } => {
-                let result = hypervisor.detach(domain, alias);
-                let id = id.map_or("unknown".to_string(), |id| id.to_string());
-                let address = address.map_or("unknown".to_string(), |a| a.to_string());
-                let line = format!(
-                    "detach device={id} addr={address} vm={domain} alias={alias} reason={reason}"
-                );
-                (result, line)
-            }
-        };
-        let call_ms = started.elapsed().as_millis();
-        let key = (action.domain().to_string(), action.alias().to_string());
-        match result {
+        }
+        true
+    }
+
+    /// Logs the decision and books its outcome. Returns false when the call broke the
+    /// connection.
+    fn book(&mut self, outcome: ActionOutcome, cause: Instant) -> bool {
+        let key = (
+            outcome.action.domain().to_string(),
+            outcome.action.alias().to_string(),
+        );
+        match &outcome.result {
             Ok(()) => {
-                log::info!("{line} result=ok call_ms={call_ms}");
-                if matches!(action, Action::Detach { .. }) {
+                log::info!("{}", decision::success_line(&outcome, cause));
+                if matches!(outcome.action, Action::Detach { .. }) {
                     self.pending_detaches.insert(key.clone(), self.clock.now());
                 }
                 self.failures.remove(&key);
@@ -600,28 +565,15 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 let kind = error.kind();
                 let attempts = self.failures.get(&key).map_or(0, |f| f.record.attempts) + 1;
                 let delay = retry_delay(kind, attempts);
-                let retry = delay.map_or("on-next-event".to_string(), |d| {
-                    format!("{}ms", d.as_millis())
-                });
                 log::warn!(
-                    "{line} result=error kind={kind} attempts={attempts} retry={retry} call_ms={call_ms} error=\"{error}\""
+                    "{}",
+                    decision::failure_line(&outcome, cause, error, attempts, delay)
                 );
-                let device = match &action {
-                    Action::Attach { device, .. } => device.to_string(),
-                    Action::Detach { id, address, .. } => format!(
-                        "{} at {}",
-                        id.map_or("unknown".into(), |id| id.to_string()),
-                        address.map_or("unknown".into(), |a| a.to_string())
-                    ),
-                };
                 let record = ActionFailure {
-                    action: match action {
-                        Action::Attach { .. } => "attach".into(),
-                        Action::Detach { .. } => "detach".into(),
-                    },
+                    action: decision::action_name(&outcome.action).into(),
                     domain: key.0.clone(),
                     alias: key.1.clone(),
-                    device,
+                    device: decision::device_description(&outcome.action),
                     kind,
                     message: error.to_string(),
                     attempts,
