@@ -7,17 +7,19 @@ pub mod clock;
 mod decision;
 mod executor;
 pub mod notify;
+mod retries;
 pub mod state;
 pub mod watch;
 
 use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::decision::DecisionTiming;
 use crate::daemon::executor::ActionOutcome;
-use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::daemon::retries::RetryBook;
+use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
 use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
 use crate::model::alias::HostdevAlias;
-use crate::model::{BusAddress, UsbDevice};
+use crate::model::UsbDevice;
 use crate::reconcile::{self, Action, Plan};
 use crate::rules::{Config, ConfigError};
 use std::collections::{BTreeMap, HashMap};
@@ -52,38 +54,11 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// How long a requested detach may take before the loop asks again. QEMU answers a
 /// usb-host unplug at once; a guest that ignores it should not hold the loop forever.
 const DETACH_GRACE: Duration = Duration::from_secs(10);
-/// How many past failures the state file keeps for `usbpass status`.
-const RECENT_FAILURES: usize = 20;
-
-/// How long to wait before the next attempt of a failed action, or `None` to wait for
-/// an event about that device or VM. The add/bind race (libvirt cannot find a device
-/// that udev just announced) is retried quickly a few times; conditions that only a
-/// change elsewhere can fix (a full controller, a device in use) are retried slowly
-/// and then left until something happens.
-pub fn retry_delay(kind: FailureKind, attempts: u32) -> Option<Duration> {
-    const NOT_FOUND: [u64; 5] = [100, 250, 500, 1000, 2000];
-    const SLOW: [u64; 2] = [5_000, 30_000];
-    let schedule: &[u64] = match kind {
-        FailureKind::DeviceNotFound => &NOT_FOUND,
-        FailureKind::DeviceInUse | FailureKind::NoFreePort | FailureKind::Other => &SLOW,
-        // A lifecycle event follows a vanished domain; a broken connection is healed
-        // by reconnecting, after which everything is due again.
-        FailureKind::DomainGone | FailureKind::ConnectionLost => &[],
-    };
-    let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
-    schedule.get(index).map(|ms| Duration::from_millis(*ms))
-}
-
 /// Reconnect delay after `attempts` consecutive failures: 0.5 s doubling to 30 s.
 fn backoff(attempts: u32) -> Duration {
     RECONNECT_FIRST
         .saturating_mul(1 << attempts.clamp(1, 7).saturating_sub(1))
         .min(RECONNECT_MAX)
-}
-
-struct Failure {
-    record: ActionFailure,
-    next_attempt: Option<Instant>,
 }
 
 pub struct DaemonOptions {
@@ -109,9 +84,6 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// Consecutive rounds that lost the connection (a failed listing, or a call that
     /// broke it), for the reconnect backoff. Reset by a round that completes.
     connection_failures: u32,
-    /// The last failures, kept for `usbpass status` after their action is no longer
-    /// wanted (a fallback, a stopped VM): newest last, at most `RECENT_FAILURES`.
-    recent_failures: std::collections::VecDeque<ActionFailure>,
     /// Detaches libvirt accepted but QEMU has not finished: `virDomainDetachDeviceAlias`
     /// returns once the unplug is requested, and the hostdev stays in the live XML
     /// until DEVICE_REMOVED. Until then the loop treats it as gone instead of asking
@@ -120,7 +92,7 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     next_reconnect: Option<Instant>,
-    failures: HashMap<(String, String), Failure>,
+    retries: RetryBook,
     timing: DecisionTiming,
     next_watchdog: Option<Instant>,
     started_at: u64,
@@ -178,11 +150,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             libvirt_error: None,
             reconnect_attempts: 0,
             connection_failures: 0,
-            recent_failures: std::collections::VecDeque::new(),
             ready_after_converge: false,
             pending_detaches: HashMap::new(),
             next_reconnect: Some(now),
-            failures: HashMap::new(),
+            retries: RetryBook::default(),
             timing: DecisionTiming::new(),
             next_watchdog: None,
             started_at: unix_now(),
@@ -246,9 +217,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         let work = if self.hypervisor.is_none() {
             self.next_reconnect
         } else {
-            let retries = self.failures.values().filter_map(|f| f.next_attempt);
             let detaches = self.pending_detaches.values().map(|at| *at + DETACH_GRACE);
-            retries.chain(detaches).min()
+            self.retries
+                .next_attempt()
+                .into_iter()
+                .chain(detaches)
+                .min()
         };
         work.into_iter().chain(self.next_watchdog).min()
     }
@@ -274,34 +248,32 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             Event::DeviceAdded { device, received } => {
                 let address = device.address();
                 self.timing.device_event(address, received);
-                self.forget_failures_of_device(address);
+                self.retries.forget_device(address);
                 if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
                     if old.address() != address {
-                        self.forget_failures_of_device(old.address());
+                        self.retries.forget_device(old.address());
                     }
                 }
             }
             Event::DeviceRemoved { syspath } => {
                 if let Some(device) = self.devices.remove(&syspath) {
-                    self.forget_failures_of_device(device.address());
+                    self.retries.forget_device(device.address());
                 }
             }
             Event::Domain { domain, .. } => {
-                self.failures
-                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+                self.retries.forget_domain(&domain);
             }
             Event::DomainDeviceRemoved { domain, alias } => {
                 self.pending_detaches
                     .remove(&(domain.clone(), alias.clone()));
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
-                self.failures
-                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+                self.retries.forget_domain(&domain);
                 if let Some((address, _)) = HostdevAlias::parse(&alias)
                     .ok()
                     .and_then(|alias| alias.target())
                 {
-                    self.forget_failures_of_device(address);
+                    self.retries.forget_device(address);
                 }
             }
             Event::HypervisorDisconnected { reason } => {
@@ -316,7 +288,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 if let Err(error) = self.rescan_devices() {
                     log::warn!("{error}; keeping the previous device list");
                 }
-                self.failures.clear();
+                self.retries.clear();
                 self.ready_after_converge = true;
             }
             Event::Terminate => return Ok(true),
@@ -328,15 +300,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             }
         }
         Ok(false)
-    }
-
-    fn forget_failures_of_device(&mut self, address: BusAddress) {
-        self.failures.retain(|(_, alias), _| {
-            HostdevAlias::parse(alias)
-                .ok()
-                .and_then(|alias| alias.target())
-                .is_none_or(|(failed, _)| failed != address)
-        });
     }
 
     fn rescan_devices(&mut self) -> Result<(), DaemonError> {
@@ -366,7 +329,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
                 self.config = config;
                 self.config_error = None;
-                self.failures.clear();
+                self.retries.clear();
             }
             // A file mid-save can be briefly absent; the final write brings another event.
             Err(ConfigError::ReadFile { source, .. })
@@ -451,7 +414,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.reconnect_attempts = 0;
                 self.next_reconnect = None;
                 // Anything that failed against the old connection is due again.
-                self.failures.clear();
+                self.retries.clear();
                 true
             }
             Err(error) => {
@@ -484,21 +447,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
             let plan = reconcile::plan(&self.config, &devices, &domains);
             self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
-            // A failure whose action the rules no longer want is forgotten.
-            self.failures.retain(|key, _| {
-                plan.actions
-                    .iter()
-                    .any(|a| a.domain() == key.0 && *a.alias() == *key.1)
-            });
+            self.retries.keep_wanted(&plan.actions);
             let now = self.clock.now();
             let due: Vec<Action> = plan
                 .actions
                 .iter()
-                .filter(|action| {
-                    self.failures
-                        .get(&(action.domain().to_string(), action.alias().to_string()))
-                        .is_none_or(|f| f.next_attempt.is_some_and(|at| at <= now))
-                })
+                .filter(|action| self.retries.is_due(action, now))
                 .cloned()
                 .collect();
             self.last_plan = plan;
@@ -548,50 +502,24 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     /// Logs the decision and books its outcome. Returns false when the call broke the
     /// connection.
     fn book(&mut self, outcome: ActionOutcome, cause: Instant) -> bool {
-        let key = (
-            outcome.action.domain().to_string(),
-            outcome.action.alias().to_string(),
-        );
+        let now = self.clock.now();
         match &outcome.result {
             Ok(()) => {
                 log::info!("{}", decision::success_line(&outcome, cause));
-                if matches!(outcome.action, Action::Detach { .. }) {
-                    self.pending_detaches.insert(key.clone(), self.clock.now());
+                if let Action::Detach { domain, alias, .. } = &outcome.action {
+                    self.pending_detaches
+                        .insert((domain.clone(), alias.to_string()), now);
                 }
-                self.failures.remove(&key);
+                self.retries.succeeded(&outcome.action);
                 true
             }
             Err(error) => {
-                let kind = error.kind();
-                let attempts = self.failures.get(&key).map_or(0, |f| f.record.attempts) + 1;
-                let delay = retry_delay(kind, attempts);
+                let booked = self.retries.failed(&outcome.action, error, now);
                 log::warn!(
                     "{}",
-                    decision::failure_line(&outcome, cause, error, attempts, delay)
+                    decision::failure_line(&outcome, cause, error, booked.attempts, booked.delay)
                 );
-                let record = ActionFailure {
-                    action: decision::action_name(&outcome.action).into(),
-                    domain: key.0.clone(),
-                    alias: key.1.clone(),
-                    device: decision::device_description(&outcome.action),
-                    kind,
-                    message: error.to_string(),
-                    attempts,
-                    last_attempt: unix_now(),
-                    retry_in_ms: delay.map(|d| d.as_millis() as u64),
-                };
-                self.recent_failures.push_back(record.clone());
-                if self.recent_failures.len() > RECENT_FAILURES {
-                    self.recent_failures.pop_front();
-                }
-                self.failures.insert(
-                    key,
-                    Failure {
-                        record,
-                        next_attempt: delay.map(|d| self.clock.now() + d),
-                    },
-                );
-                if kind == FailureKind::ConnectionLost {
+                if error.kind() == FailureKind::ConnectionLost {
                     self.drop_connection(error.to_string());
                     return false;
                 }
@@ -622,9 +550,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     /// The state the CLI reads. Public for tests.
     pub fn state(&self) -> DaemonState {
-        let mut failures: Vec<ActionFailure> =
-            self.failures.values().map(|f| f.record.clone()).collect();
-        failures.sort_by(|a, b| (&a.domain, &a.alias).cmp(&(&b.domain, &b.alias)));
         DaemonState {
             format: STATE_FORMAT,
             pid: std::process::id(),
@@ -641,8 +566,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             },
             running_vms: self.running_vms.clone(),
             devices: self.last_plan.placements.clone(),
-            failures,
-            recent_failures: self.recent_failures.iter().cloned().collect(),
+            failures: self.retries.current(),
+            recent_failures: self.retries.recent(),
         }
     }
 

@@ -572,14 +572,3 @@ fn sighup_rescans_devices_and_heals_missed_events() {
     assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
     harness.stop().unwrap();
 }
-
-#[test]
-fn retry_schedule_is_bounded() {
-    let delays: Vec<_> = (1..=6)
-        .map(|attempt| retry_delay(FailureKind::DeviceNotFound, attempt))
-        .collect();
-    assert_eq!(delays[0], Some(Duration::from_millis(100)));
-    assert_eq!(delays[5], None, "gives up after five retries");
-    assert_eq!(retry_delay(FailureKind::NoFreePort, 3), None);
-    assert_eq!(retry_delay(FailureKind::DomainGone, 1), None);
-}
