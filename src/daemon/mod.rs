@@ -7,6 +7,7 @@ pub mod clock;
 mod decision;
 mod executor;
 pub mod notify;
+mod pending_detaches;
 mod retries;
 pub mod state;
 pub mod watch;
@@ -14,6 +15,7 @@ pub mod watch;
 use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::decision::DecisionTiming;
 use crate::daemon::executor::ActionOutcome;
+use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, STATE_FORMAT};
 use crate::event::Event;
@@ -22,7 +24,7 @@ use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
 use crate::reconcile::{self, Action, Plan};
 use crate::rules::{Config, ConfigError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -51,9 +53,6 @@ const MAX_ROUNDS_PER_WAKE: usize = 3;
 /// Reconnect backoff: 0.5 s doubling to 30 s.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// How long a requested detach may take before the loop asks again. QEMU answers a
-/// usb-host unplug at once; a guest that ignores it should not hold the loop forever.
-const DETACH_GRACE: Duration = Duration::from_secs(10);
 /// Reconnect delay after `attempts` consecutive failures: 0.5 s doubling to 30 s.
 fn backoff(attempts: u32) -> Duration {
     RECONNECT_FIRST
@@ -84,11 +83,7 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// Consecutive rounds that lost the connection (a failed listing, or a call that
     /// broke it), for the reconnect backoff. Reset by a round that completes.
     connection_failures: u32,
-    /// Detaches libvirt accepted but QEMU has not finished: `virDomainDetachDeviceAlias`
-    /// returns once the unplug is requested, and the hostdev stays in the live XML
-    /// until DEVICE_REMOVED. Until then the loop treats it as gone instead of asking
-    /// again; after `DETACH_GRACE` it asks again.
-    pending_detaches: HashMap<(String, String), Instant>,
+    pending_detaches: PendingDetaches,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     next_reconnect: Option<Instant>,
@@ -151,7 +146,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             reconnect_attempts: 0,
             connection_failures: 0,
             ready_after_converge: false,
-            pending_detaches: HashMap::new(),
+            pending_detaches: PendingDetaches::default(),
             next_reconnect: Some(now),
             retries: RetryBook::default(),
             timing: DecisionTiming::new(),
@@ -217,11 +212,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         let work = if self.hypervisor.is_none() {
             self.next_reconnect
         } else {
-            let detaches = self.pending_detaches.values().map(|at| *at + DETACH_GRACE);
-            self.retries
-                .next_attempt()
+            let retry = self.retries.next_attempt();
+            retry
                 .into_iter()
-                .chain(detaches)
+                .chain(self.pending_detaches.next_deadline())
                 .min()
         };
         work.into_iter().chain(self.next_watchdog).min()
@@ -264,8 +258,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.retries.forget_domain(&domain);
             }
             Event::DomainDeviceRemoved { domain, alias } => {
-                self.pending_detaches
-                    .remove(&(domain.clone(), alias.clone()));
+                self.pending_detaches.finished(&domain, &alias);
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
                 self.retries.forget_domain(&domain);
@@ -344,31 +337,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
-    /// Drops from the listing the hostdevs whose detach is under way, and forgets
-    /// pending detaches that have finished (gone from the XML) or taken too long.
-    fn hide_pending_detaches(&mut self, domains: &mut [DomainView]) {
-        let now = self.clock.now();
-        self.pending_detaches.retain(|(domain, alias), requested| {
-            let still_listed = domains.iter().any(|d| {
-                d.name == *domain
-                    && d.hostdevs
-                        .iter()
-                        .any(|h| h.alias.as_deref() == Some(alias.as_str()))
-            });
-            still_listed && now < *requested + DETACH_GRACE
-        });
-        for domain in domains.iter_mut() {
-            let name = domain.name.clone();
-            domain.hostdevs.retain(|hostdev| {
-                hostdev.alias.as_ref().is_none_or(|alias| {
-                    !self
-                        .pending_detaches
-                        .contains_key(&(name.clone(), alias.clone()))
-                })
-            });
-        }
-    }
-
     /// A round ended without its connection. The next connect waits, growing with each
     /// such round in a row: a libvirtd that accepts connections but fails every call
     /// (a permission problem, a broken driver) must not make the loop spin.
@@ -387,7 +355,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     fn drop_connection(&mut self, reason: String) {
         self.hypervisor = None;
-        // A new connection lists afresh; what is still in the XML is still there.
         self.pending_detaches.clear();
         self.libvirt_error = Some(reason);
         self.running_vms.clear();
@@ -443,7 +410,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.lost_connection_backoff();
                 break;
             };
-            self.hide_pending_detaches(&mut domains);
+            self.pending_detaches.hide(&mut domains, self.clock.now());
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
             let plan = reconcile::plan(&self.config, &devices, &domains);
             self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
@@ -507,8 +474,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             Ok(()) => {
                 log::info!("{}", decision::success_line(&outcome, cause));
                 if let Action::Detach { domain, alias, .. } = &outcome.action {
-                    self.pending_detaches
-                        .insert((domain.clone(), alias.to_string()), now);
+                    self.pending_detaches.requested(domain, alias, now);
                 }
                 self.retries.succeeded(&outcome.action);
                 true

@@ -559,6 +559,20 @@ fn an_unplug_under_way_is_not_requested_twice() {
 }
 
 #[test]
+fn an_unplug_the_guest_ignores_is_requested_again_after_the_grace() {
+    let mut world = FakeWorld::with_domains(&["win11"]);
+    world.asynchronous_detach = true;
+    let harness = Harness::start(RULES, world, vec![receiver(5)]);
+    harness.send_and_settle(Event::DeviceRemoved {
+        syspath: receiver(5).syspath,
+    });
+    assert_eq!(harness.next_wake(), Some(pending_detaches::DETACH_GRACE));
+    harness.advance(pending_detaches::DETACH_GRACE);
+    assert_eq!(harness.world.lock().detaches().len(), 2);
+    harness.stop().unwrap();
+}
+
+#[test]
 fn sighup_rescans_devices_and_heals_missed_events() {
     let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
     // The plug's udev event was lost (a full socket buffer, say).
