@@ -4,6 +4,7 @@
 //! reconnect or the watchdog is due.
 
 pub mod clock;
+mod connection;
 mod decision;
 mod executor;
 pub mod notify;
@@ -13,6 +14,7 @@ pub mod state;
 pub mod watch;
 
 use crate::daemon::clock::{Clock, MonotonicClock};
+use crate::daemon::connection::{Connection, Link};
 use crate::daemon::decision::DecisionTiming;
 use crate::daemon::executor::ActionOutcome;
 use crate::daemon::pending_detaches::PendingDetaches;
@@ -50,16 +52,6 @@ pub enum DaemonError {
 /// After this many rounds of act-then-verify in one wake-up, the loop waits for the
 /// next event or retry: a guard against two actions undoing each other forever.
 const MAX_ROUNDS_PER_WAKE: usize = 3;
-/// Reconnect backoff: 0.5 s doubling to 30 s.
-const RECONNECT_FIRST: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// Reconnect delay after `attempts` consecutive failures: 0.5 s doubling to 30 s.
-fn backoff(attempts: u32) -> Duration {
-    RECONNECT_FIRST
-        .saturating_mul(1 << attempts.clamp(1, 7).saturating_sub(1))
-        .min(RECONNECT_MAX)
-}
-
 pub struct DaemonOptions {
     pub config_path: PathBuf,
     pub state_path: PathBuf,
@@ -68,25 +60,17 @@ pub struct DaemonOptions {
 }
 
 pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
-    connector: C,
+    connection: Connection<C>,
     device_source: S,
     options: DaemonOptions,
-    events_sender: Sender<Event>,
     events: Receiver<Event>,
     clock: K,
     config: Config,
     config_error: Option<String>,
     devices: BTreeMap<String, UsbDevice>,
-    hypervisor: Option<C::Hypervisor>,
-    libvirt_error: Option<String>,
-    reconnect_attempts: u32,
-    /// Consecutive rounds that lost the connection (a failed listing, or a call that
-    /// broke it), for the reconnect backoff. Reset by a round that completes.
-    connection_failures: u32,
     pending_detaches: PendingDetaches,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
-    next_reconnect: Option<Instant>,
     retries: RetryBook,
     timing: DecisionTiming,
     next_watchdog: Option<Instant>,
@@ -130,24 +114,18 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         events: Receiver<Event>,
         clock: K,
     ) -> Self {
-        let now = clock.now();
+        let connection = Connection::new(connector, events_sender, clock.now());
         Daemon {
-            connector,
+            connection,
             device_source,
             options,
-            events_sender,
             events,
             clock,
             config,
             config_error: None,
             devices: BTreeMap::new(),
-            hypervisor: None,
-            libvirt_error: None,
-            reconnect_attempts: 0,
-            connection_failures: 0,
             ready_after_converge: false,
             pending_detaches: PendingDetaches::default(),
-            next_reconnect: Some(now),
             retries: RetryBook::default(),
             timing: DecisionTiming::new(),
             next_watchdog: None,
@@ -209,8 +187,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     fn next_deadline(&self) -> Option<Instant> {
         // While disconnected only the reconnect matters: retries wait for a connection.
-        let work = if self.hypervisor.is_none() {
-            self.next_reconnect
+        let work = if !self.connection.is_connected() {
+            self.connection.next_attempt()
         } else {
             let retry = self.retries.next_attempt();
             retry
@@ -317,8 +295,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 if config.uri != self.config.uri {
                     log::info!("libvirt uri changed to {}: reconnecting", config.uri);
                     self.drop_connection("uri changed".to_string());
-                    self.next_reconnect = Some(self.clock.now());
-                    self.reconnect_attempts = 0;
+                    self.connection.connect_at_once(self.clock.now());
                 }
                 self.config = config;
                 self.config_error = None;
@@ -337,77 +314,27 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
-    /// A round ended without its connection. The next connect waits, growing with each
-    /// such round in a row: a libvirtd that accepts connections but fails every call
-    /// (a permission problem, a broken driver) must not make the loop spin.
-    fn lost_connection_backoff(&mut self) {
-        if self.hypervisor.is_some() {
-            return;
-        }
-        self.connection_failures += 1;
-        let delay = backoff(self.connection_failures);
-        let at = self.clock.now() + delay;
-        if self.next_reconnect.is_none_or(|next| next < at) {
-            log::info!("reconnecting to libvirt in {} ms", delay.as_millis());
-            self.next_reconnect = Some(at);
-        }
-    }
-
     fn drop_connection(&mut self, reason: String) {
-        self.hypervisor = None;
+        self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
-        self.libvirt_error = Some(reason);
         self.running_vms.clear();
-        if self.next_reconnect.is_none() {
-            self.next_reconnect = Some(self.clock.now());
-        }
-    }
-
-    fn ensure_connected(&mut self) -> bool {
-        if self.hypervisor.is_some() {
-            return true;
-        }
-        if self.next_reconnect.is_some_and(|at| at > self.clock.now()) {
-            return false;
-        }
-        match self
-            .connector
-            .connect(&self.config.uri, self.events_sender.clone())
-        {
-            Ok(hypervisor) => {
-                log::info!("connected to libvirt at {}", self.config.uri);
-                self.hypervisor = Some(hypervisor);
-                self.libvirt_error = None;
-                self.reconnect_attempts = 0;
-                self.next_reconnect = None;
-                // Anything that failed against the old connection is due again.
-                self.retries.clear();
-                true
-            }
-            Err(error) => {
-                self.reconnect_attempts += 1;
-                let delay = backoff(self.reconnect_attempts);
-                if self.reconnect_attempts == 1
-                    || self.libvirt_error.as_deref() != Some(&*error.to_string())
-                {
-                    log::warn!("{error}; retrying in {} ms", delay.as_millis());
-                }
-                self.libvirt_error = Some(error.to_string());
-                self.next_reconnect = Some(self.clock.now() + delay);
-                false
-            }
-        }
     }
 
     /// Reconcile until nothing is due, at most `MAX_ROUNDS_PER_WAKE` times, then write
     /// the state file.
     fn converge(&mut self) {
         for _ in 0..MAX_ROUNDS_PER_WAKE {
-            if !self.ensure_connected() {
-                break;
+            match self
+                .connection
+                .ensure_connected(&self.config.uri, self.clock.now())
+            {
+                Link::Up => {}
+                // Anything that failed against the old connection is due again.
+                Link::Opened => self.retries.clear(),
+                Link::Down => break,
             }
             let Some(mut domains) = self.list_domains() else {
-                self.lost_connection_backoff();
+                self.connection.round_lost_connection(self.clock.now());
                 break;
             };
             self.pending_detaches.hide(&mut domains, self.clock.now());
@@ -424,25 +351,25 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 .collect();
             self.last_plan = plan;
             if due.is_empty() {
-                self.connection_failures = 0;
+                self.connection.round_completed();
                 break;
             }
             if !self.carry_out(due) {
-                self.lost_connection_backoff();
+                self.connection.round_lost_connection(self.clock.now());
                 break;
             }
-            self.connection_failures = 0;
+            self.connection.round_completed();
         }
         self.write_state();
     }
 
     fn list_domains(&mut self) -> Option<Vec<DomainView>> {
-        let hypervisor = self.hypervisor.as_mut()?;
+        let hypervisor = self.connection.hypervisor()?;
         match hypervisor.running_domains() {
             Ok(domains) => Some(domains),
             Err(error) => {
                 // Without the domain list nothing can be decided: start over with a
-                // fresh connection (after a backoff, see `lost_connection_backoff`).
+                // fresh connection (after a backoff, see `round_lost_connection`).
                 log::warn!("{error}");
                 self.drop_connection(error.to_string());
                 None
@@ -454,7 +381,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     /// connection and the round must end.
     fn carry_out(&mut self, due: Vec<Action>) -> bool {
         for action in due {
-            let Some(hypervisor) = self.hypervisor.as_mut() else {
+            let Some(hypervisor) = self.connection.hypervisor() else {
                 return false;
             };
             let cause = self.timing.cause(&action);
@@ -506,7 +433,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             self.config.rules.len(),
             self.devices.len(),
             held,
-            if self.hypervisor.is_some() {
+            if self.connection.is_connected() {
                 "connected"
             } else {
                 "disconnected"
@@ -527,8 +454,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             rule_count: self.config.rules.len(),
             libvirt: LibvirtStatus {
                 uri: self.config.uri.clone(),
-                connected: self.hypervisor.is_some(),
-                last_error: self.libvirt_error.clone(),
+                connected: self.connection.is_connected(),
+                last_error: self.connection.last_error().map(str::to_string),
             },
             running_vms: self.running_vms.clone(),
             devices: self.last_plan.placements.clone(),
