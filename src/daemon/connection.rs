@@ -158,6 +158,15 @@ mod tests {
         Connection::new(connector, std::sync::mpsc::channel().0, now)
     }
 
+    /// A connection whose first connect, at `now`, was refused.
+    fn refused_once(now: Instant) -> (SharedWorld, Connection<FakeConnector>) {
+        let world = SharedWorld::new(FakeWorld::default());
+        world.lock().refuse_connections = true;
+        let mut connection = connection(&world, now);
+        assert_eq!(connection.ensure_connected(URI, now), Link::Down);
+        (world, connection)
+    }
+
     fn connects(world: &SharedWorld) -> usize {
         world
             .lock()
@@ -165,6 +174,13 @@ mod tests {
             .iter()
             .filter(|call| **call == Call::Connect)
             .count()
+    }
+
+    /// A round that connects and then loses the connection: a call broke it.
+    fn lose_a_round(connection: &mut Connection<FakeConnector>, now: Instant) {
+        assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
+        connection.drop_connection("Cannot write data: Broken pipe".into(), now);
+        connection.round_lost_connection(now);
     }
 
     fn ms(ms: u64) -> Duration {
@@ -182,11 +198,8 @@ mod tests {
 
     #[test]
     fn a_refused_connect_backs_off_and_is_not_tried_early() {
-        let world = SharedWorld::new(FakeWorld::default());
-        world.lock().refuse_connections = true;
         let start = Instant::now();
-        let mut connection = connection(&world, start);
-        assert_eq!(connection.ensure_connected(URI, start), Link::Down);
+        let (world, mut connection) = refused_once(start);
         assert_eq!(connection.next_attempt(), Some(start + ms(500)));
         assert!(connection
             .last_error()
@@ -224,9 +237,7 @@ mod tests {
         let mut connection = connection(&world, now);
         let mut waits = Vec::new();
         for _ in 0..3 {
-            assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
-            connection.drop_connection("Cannot write data: Broken pipe".into(), now);
-            connection.round_lost_connection(now);
+            lose_a_round(&mut connection, now);
             let next = connection.next_attempt().unwrap();
             waits.push(next - now);
             now = next;
@@ -234,29 +245,25 @@ mod tests {
         assert_eq!(waits, [ms(500), ms(1_000), ms(2_000)]);
         assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
         connection.round_completed();
-        connection.drop_connection("Cannot write data: Broken pipe".into(), now);
-        connection.round_lost_connection(now);
+        // libvirtd restarts: the reconnect is due at once, and the next loss waits
+        // the first delay again.
+        connection.drop_connection("end of file from libvirtd".into(), now);
+        assert_eq!(connection.next_attempt(), Some(now));
+        lose_a_round(&mut connection, now);
         assert_eq!(connection.next_attempt(), Some(now + ms(500)));
     }
 
     #[test]
     fn refused_connects_and_lost_rounds_count_as_one_run_of_failures() {
-        let world = SharedWorld::new(FakeWorld::default());
-        world.lock().refuse_connections = true;
         let now = Instant::now();
-        let mut connection = connection(&world, now);
-        assert_eq!(connection.ensure_connected(URI, now), Link::Down);
+        let (world, mut connection) = refused_once(now);
         world.lock().refuse_connections = false;
         let now = now + ms(500);
-        assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
-        connection.drop_connection("Cannot write data: Broken pipe".into(), now);
-        connection.round_lost_connection(now);
+        lose_a_round(&mut connection, now);
         assert_eq!(connection.next_attempt(), Some(now + ms(1_000)));
         // A new URI starts afresh.
         connection.connect_at_once(now);
-        assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
-        connection.drop_connection("uri changed".into(), now);
-        connection.round_lost_connection(now);
+        lose_a_round(&mut connection, now);
         assert_eq!(connection.next_attempt(), Some(now + ms(500)));
     }
 }
