@@ -11,20 +11,23 @@ pub mod notify;
 mod pending_detaches;
 mod retries;
 pub mod state;
+mod status;
 pub mod watch;
 
 use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::connection::{Connection, Link};
 use crate::daemon::decision::DecisionTiming;
 use crate::daemon::executor::ActionOutcome;
+use crate::daemon::notify::Watchdog;
 use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
-use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::daemon::state::DaemonState;
+use crate::daemon::status::{Sources, Status};
 use crate::event::Event;
 use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
-use crate::reconcile::{self, Action, Plan};
+use crate::reconcile::{self, Action};
 use crate::rules::{Config, ConfigError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -52,6 +55,7 @@ pub enum DaemonError {
 /// After this many rounds of act-then-verify in one wake-up, the loop waits for the
 /// next event or retry: a guard against two actions undoing each other forever.
 const MAX_ROUNDS_PER_WAKE: usize = 3;
+
 pub struct DaemonOptions {
     pub config_path: PathBuf,
     pub state_path: PathBuf,
@@ -73,11 +77,8 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     ready_after_converge: bool,
     retries: RetryBook,
     timing: DecisionTiming,
-    next_watchdog: Option<Instant>,
-    started_at: u64,
-    last_plan: Plan,
-    running_vms: Vec<String>,
-    state_write_failed: bool,
+    watchdog: Watchdog,
+    status: Status,
 }
 
 impl<C: Connector, S: DeviceSource> Daemon<C, S> {
@@ -115,6 +116,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         clock: K,
     ) -> Self {
         let connection = Connection::new(connector, events_sender, clock.now());
+        let watchdog = Watchdog::new(options.watchdog);
         Daemon {
             connection,
             device_source,
@@ -128,11 +130,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
             timing: DecisionTiming::new(),
-            next_watchdog: None,
-            started_at: unix_now(),
-            last_plan: Plan::default(),
-            running_vms: Vec::new(),
-            state_write_failed: false,
+            watchdog,
+            status: Status::new(),
         }
     }
 
@@ -141,7 +140,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         self.rescan_devices()?;
         self.converge();
         notify::ready(&self.status_line());
-        self.schedule_watchdog();
+        self.watchdog.start(self.clock.now());
         loop {
             let event = match self.clock.next_event(&self.events, self.next_deadline()) {
                 Ok(event) => event,
@@ -170,13 +169,13 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             if std::mem::take(&mut self.ready_after_converge) {
                 notify::ready(&self.status_line());
             }
-            self.ping_watchdog_if_due();
+            self.watchdog.ping_if_due(self.clock.now());
         }
     }
 
     fn on_timeout(&mut self) {
         self.timing.woke();
-        self.ping_watchdog_if_due();
+        self.watchdog.ping_if_due(self.clock.now());
         if self
             .next_deadline()
             .is_some_and(|at| at <= self.clock.now())
@@ -196,21 +195,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 .chain(self.pending_detaches.next_deadline())
                 .min()
         };
-        work.into_iter().chain(self.next_watchdog).min()
-    }
-
-    fn schedule_watchdog(&mut self) {
-        self.next_watchdog = self
-            .options
-            .watchdog
-            .map(|interval| self.clock.now() + interval);
-    }
-
-    fn ping_watchdog_if_due(&mut self) {
-        if self.next_watchdog.is_some_and(|at| at <= self.clock.now()) {
-            notify::watchdog();
-            self.schedule_watchdog();
-        }
+        work.into_iter().chain(self.watchdog.next_ping()).min()
     }
 
     /// Updates the loop's view; returns true to stop.
@@ -317,7 +302,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn drop_connection(&mut self, reason: String) {
         self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
-        self.running_vms.clear();
+        self.status.disconnected();
     }
 
     /// Reconcile until nothing is due, at most `MAX_ROUNDS_PER_WAKE` times, then write
@@ -340,7 +325,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             self.pending_detaches.hide(&mut domains, self.clock.now());
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
             let plan = reconcile::plan(&self.config, &devices, &domains);
-            self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
             self.retries.keep_wanted(&plan.actions);
             let now = self.clock.now();
             let due: Vec<Action> = plan
@@ -349,7 +333,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 .filter(|action| self.retries.is_due(action, now))
                 .cloned()
                 .collect();
-            self.last_plan = plan;
+            self.status.saw(&domains, plan.placements);
             if due.is_empty() {
                 self.connection.round_completed();
                 break;
@@ -421,59 +405,30 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
+    fn status_sources(&self) -> Sources<'_> {
+        Sources {
+            config: &self.config,
+            config_path: &self.options.config_path,
+            config_error: self.config_error.as_deref(),
+            device_count: self.devices.len(),
+            connected: self.connection.is_connected(),
+            libvirt_error: self.connection.last_error(),
+            retries: &self.retries,
+        }
+    }
+
     fn status_line(&self) -> String {
-        let held = self
-            .last_plan
-            .placements
-            .iter()
-            .filter(|p| !p.holders.is_empty())
-            .count();
-        format!(
-            "{} rules, {} devices, {} passed through, libvirt {}",
-            self.config.rules.len(),
-            self.devices.len(),
-            held,
-            if self.connection.is_connected() {
-                "connected"
-            } else {
-                "disconnected"
-            }
-        )
+        self.status.line(&self.status_sources())
     }
 
     /// The state the CLI reads. Public for tests.
     pub fn state(&self) -> DaemonState {
-        DaemonState {
-            format: STATE_FORMAT,
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            started_at: self.started_at,
-            updated_at: unix_now(),
-            config_path: self.options.config_path.clone(),
-            config_error: self.config_error.clone(),
-            rule_count: self.config.rules.len(),
-            libvirt: LibvirtStatus {
-                uri: self.config.uri.clone(),
-                connected: self.connection.is_connected(),
-                last_error: self.connection.last_error().map(str::to_string),
-            },
-            running_vms: self.running_vms.clone(),
-            devices: self.last_plan.placements.clone(),
-            failures: self.retries.current(),
-            recent_failures: self.retries.recent(),
-        }
+        self.status.snapshot(&self.status_sources())
     }
 
     fn write_state(&mut self) {
-        match self.state().write(&self.options.state_path) {
-            Ok(()) => self.state_write_failed = false,
-            Err(error) => {
-                if !self.state_write_failed {
-                    log::warn!("{error}");
-                }
-                self.state_write_failed = true;
-            }
-        }
+        let state = self.state();
+        self.status.write(&state, &self.options.state_path);
     }
 }
 
