@@ -1,7 +1,9 @@
-//! The daemon's loop: one channel of `Event`s in, reconcile, apply the actions through
-//! the `Hypervisor`, retry failures with bounded backoff, write the state file. It
-//! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
-//! reconnect or the watchdog is due.
+//! The daemon's loop: one channel of `Event`s in, reconcile, hand the due actions to
+//! the executor and book their outcomes, write the state file. It sleeps in a blocking
+//! receive while idle and sets a timeout only while a retry, a reconnect, a detach
+//! under way or the watchdog is due. Each of its parts has a file: `connection`,
+//! `retries`, `pending_detaches`, `executor`, `decision` (the log line), `status`,
+//! `clock`.
 
 pub mod clock;
 mod connection;
@@ -22,7 +24,7 @@ use crate::daemon::notify::Watchdog;
 use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::DaemonState;
-use crate::daemon::status::{Sources, Status};
+use crate::daemon::status::{LoopView, Status};
 use crate::event::Event;
 use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
 use crate::model::alias::HostdevAlias;
@@ -70,7 +72,9 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     events: Receiver<Event>,
     clock: K,
     config: Config,
+    /// Set while a broken rules file is refused and the previous rules stay in force.
     config_error: Option<String>,
+    /// The present devices by sysfs path, kept current by udev events.
     devices: BTreeMap<String, UsbDevice>,
     pending_detaches: PendingDetaches,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
@@ -405,8 +409,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
-    fn status_sources(&self) -> Sources<'_> {
-        Sources {
+    fn loop_view(&self) -> LoopView<'_> {
+        LoopView {
             config: &self.config,
             config_path: &self.options.config_path,
             config_error: self.config_error.as_deref(),
@@ -418,12 +422,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     }
 
     fn status_line(&self) -> String {
-        self.status.line(&self.status_sources())
+        self.status.line(&self.loop_view())
     }
 
     /// The state the CLI reads. Public for tests.
     pub fn state(&self) -> DaemonState {
-        self.status.snapshot(&self.status_sources())
+        self.status.snapshot(&self.loop_view())
     }
 
     fn write_state(&mut self) {

@@ -19,7 +19,7 @@ pub struct Status {
 }
 
 /// The rest of the loop's view, lent for one snapshot.
-pub struct Sources<'a> {
+pub struct LoopView<'a> {
     pub config: &'a Config,
     pub config_path: &'a Path,
     pub config_error: Option<&'a str>,
@@ -51,7 +51,7 @@ impl Status {
     }
 
     /// systemd's STATUS: `3 rules, 4 devices, 2 passed through, libvirt connected`.
-    pub fn line(&self, sources: &Sources) -> String {
+    pub fn line(&self, view: &LoopView) -> String {
         let held = self
             .placements
             .iter()
@@ -59,10 +59,10 @@ impl Status {
             .count();
         format!(
             "{} rules, {} devices, {} passed through, libvirt {}",
-            sources.config.rules.len(),
-            sources.device_count,
+            view.config.rules.len(),
+            view.device_count,
             held,
-            if sources.connected {
+            if view.connected {
                 "connected"
             } else {
                 "disconnected"
@@ -70,25 +70,25 @@ impl Status {
         )
     }
 
-    pub fn snapshot(&self, sources: &Sources) -> DaemonState {
+    pub fn snapshot(&self, view: &LoopView) -> DaemonState {
         DaemonState {
             format: STATE_FORMAT,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.started_at,
             updated_at: unix_now(),
-            config_path: sources.config_path.to_path_buf(),
-            config_error: sources.config_error.map(str::to_string),
-            rule_count: sources.config.rules.len(),
+            config_path: view.config_path.to_path_buf(),
+            config_error: view.config_error.map(str::to_string),
+            rule_count: view.config.rules.len(),
             libvirt: LibvirtStatus {
-                uri: sources.config.uri.clone(),
-                connected: sources.connected,
-                last_error: sources.libvirt_error.map(str::to_string),
+                uri: view.config.uri.clone(),
+                connected: view.connected,
+                last_error: view.libvirt_error.map(str::to_string),
             },
             running_vms: self.running_vms.clone(),
             devices: self.placements.clone(),
-            failures: sources.retries.current(),
-            recent_failures: sources.retries.recent(),
+            failures: view.retries.current(),
+            recent_failures: view.retries.recent(),
         }
     }
 
@@ -157,7 +157,7 @@ mod tests {
             }],
         };
         status.saw(&[win11], vec![placement]);
-        let sources = Sources {
+        let view = LoopView {
             config: &config,
             config_path: &config_path,
             config_error: None,
@@ -167,10 +167,10 @@ mod tests {
             retries: &retries,
         };
         assert_eq!(
-            status.line(&sources),
+            status.line(&view),
             "1 rules, 1 devices, 1 passed through, libvirt connected"
         );
-        let state = status.snapshot(&sources);
+        let state = status.snapshot(&view);
         assert_eq!(state.running_vms, ["win11"]);
         assert_eq!(state.devices[0].wanted_vm.as_deref(), Some("win11"));
         assert_eq!(state.failures[0].kind, FailureKind::NoFreePort);
@@ -179,7 +179,7 @@ mod tests {
 
         status.disconnected();
         let state_path = directory.path().join("state.json");
-        status.write(&status.snapshot(&sources), &state_path);
+        status.write(&status.snapshot(&view), &state_path);
         assert!(DaemonState::read(&state_path)
             .unwrap()
             .running_vms
