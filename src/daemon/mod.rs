@@ -190,14 +190,16 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     fn next_deadline(&self) -> Option<Instant> {
         // While disconnected only the reconnect matters: retries wait for a connection.
-        let work = if !self.connection.is_connected() {
-            self.connection.next_attempt()
+        let work = if self.connection.is_connected() {
+            [
+                self.retries.next_attempt(),
+                self.pending_detaches.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         } else {
-            let retry = self.retries.next_attempt();
-            retry
-                .into_iter()
-                .chain(self.pending_detaches.next_deadline())
-                .min()
+            self.connection.next_attempt()
         };
         work.into_iter().chain(self.watchdog.next_ping()).min()
     }
