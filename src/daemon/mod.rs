@@ -1,21 +1,38 @@
-//! The daemon's loop: one channel of `Event`s in, reconcile, apply the actions through
-//! the `Hypervisor`, retry failures with bounded backoff, write the state file. It
-//! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
-//! reconnect or the watchdog is due.
+//! The daemon's loop: one channel of `Event`s in, reconcile, hand the due actions to
+//! the executor and book their outcomes, write the state file. It sleeps in a blocking
+//! receive while idle and sets a timeout only while a retry, a reconnect, a detach
+//! under way or the watchdog is due. Each of its parts has a file: `connection`,
+//! `retries`, `pending_detaches`, `executor`, `decision` (the log line), `status`,
+//! `clock`.
 
+pub mod clock;
+mod connection;
+mod decision;
+mod executor;
 pub mod notify;
+mod pending_detaches;
+mod retries;
 pub mod state;
+mod status;
 pub mod watch;
 
-use crate::daemon::state::{unix_now, ActionFailure, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::daemon::clock::{Clock, MonotonicClock};
+use crate::daemon::connection::{Connection, Link};
+use crate::daemon::decision::DecisionTiming;
+use crate::daemon::executor::ActionOutcome;
+use crate::daemon::notify::Watchdog;
+use crate::daemon::pending_detaches::PendingDetaches;
+use crate::daemon::retries::RetryBook;
+use crate::daemon::state::DaemonState;
+use crate::daemon::status::{LoopView, Status};
 use crate::event::Event;
 use crate::host::{DeviceSource, HostError};
-use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
+use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
 use crate::model::alias::HostdevAlias;
-use crate::model::{BusAddress, UsbDevice};
-use crate::reconcile::{self, Action, Plan};
+use crate::model::UsbDevice;
+use crate::reconcile::{self, Action};
 use crate::rules::{Config, ConfigError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -39,45 +56,6 @@ pub enum DaemonError {
 /// After this many rounds of act-then-verify in one wake-up, the loop waits for the
 /// next event or retry: a guard against two actions undoing each other forever.
 const MAX_ROUNDS_PER_WAKE: usize = 3;
-/// Reconnect backoff: 0.5 s doubling to 30 s.
-const RECONNECT_FIRST: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// How long a requested detach may take before the loop asks again. QEMU answers a
-/// usb-host unplug at once; a guest that ignores it should not hold the loop forever.
-const DETACH_GRACE: Duration = Duration::from_secs(10);
-/// How many past failures the state file keeps for `usbpass status`.
-const RECENT_FAILURES: usize = 20;
-
-/// How long to wait before the next attempt of a failed action, or `None` to wait for
-/// an event about that device or VM. The add/bind race (libvirt cannot find a device
-/// that udev just announced) is retried quickly a few times; conditions that only a
-/// change elsewhere can fix (a full controller, a device in use) are retried slowly
-/// and then left until something happens.
-pub fn retry_delay(kind: FailureKind, attempts: u32) -> Option<Duration> {
-    const NOT_FOUND: [u64; 5] = [100, 250, 500, 1000, 2000];
-    const SLOW: [u64; 2] = [5_000, 30_000];
-    let schedule: &[u64] = match kind {
-        FailureKind::DeviceNotFound => &NOT_FOUND,
-        FailureKind::DeviceInUse | FailureKind::NoFreePort | FailureKind::Other => &SLOW,
-        // A lifecycle event follows a vanished domain; a broken connection is healed
-        // by reconnecting, after which everything is due again.
-        FailureKind::DomainGone | FailureKind::ConnectionLost => &[],
-    };
-    let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
-    schedule.get(index).map(|ms| Duration::from_millis(*ms))
-}
-
-/// Reconnect delay after `attempts` consecutive failures: 0.5 s doubling to 30 s.
-fn backoff(attempts: u32) -> Duration {
-    RECONNECT_FIRST
-        .saturating_mul(1 << attempts.clamp(1, 7).saturating_sub(1))
-        .min(RECONNECT_MAX)
-}
-
-struct Failure {
-    record: ActionFailure,
-    next_attempt: Option<Instant>,
-}
 
 pub struct DaemonOptions {
     pub config_path: PathBuf,
@@ -86,44 +64,24 @@ pub struct DaemonOptions {
     pub watchdog: Option<Duration>,
 }
 
-pub struct Daemon<C: Connector, S: DeviceSource> {
-    connector: C,
+pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
+    connection: Connection<C>,
     device_source: S,
     options: DaemonOptions,
-    events_sender: Sender<Event>,
     events: Receiver<Event>,
+    clock: K,
     config: Config,
+    /// Set while a broken rules file is refused and the previous rules stay in force.
     config_error: Option<String>,
+    /// The present devices by sysfs path, kept current by udev events.
     devices: BTreeMap<String, UsbDevice>,
-    hypervisor: Option<C::Hypervisor>,
-    libvirt_error: Option<String>,
-    reconnect_attempts: u32,
-    /// Consecutive rounds that lost the connection (a failed listing, or a call that
-    /// broke it), for the reconnect backoff. Reset by a round that completes.
-    connection_failures: u32,
-    /// The last failures, kept for `usbpass status` after their action is no longer
-    /// wanted (a fallback, a stopped VM): newest last, at most `RECENT_FAILURES`.
-    recent_failures: std::collections::VecDeque<ActionFailure>,
-    /// Detaches libvirt accepted but QEMU has not finished: `virDomainDetachDeviceAlias`
-    /// returns once the unplug is requested, and the hostdev stays in the live XML
-    /// until DEVICE_REMOVED. Until then the loop treats it as gone instead of asking
-    /// again; after `DETACH_GRACE` it asks again.
-    pending_detaches: HashMap<(String, String), Instant>,
+    pending_detaches: PendingDetaches,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
-    next_reconnect: Option<Instant>,
-    failures: HashMap<(String, String), Failure>,
-    /// When the loop received the event it is acting on: decision times count from here,
-    woke_at: Instant,
-    /// or, for a device whose udev event is in this wake's batch, from when the monitor
-    /// received that event. Cleared at every wake: a device plugged while its VM was
-    /// off is attached because the VM started, and counts from that event.
-    device_hints: HashMap<BusAddress, Instant>,
-    next_watchdog: Option<Instant>,
-    started_at: u64,
-    last_plan: Plan,
-    running_vms: Vec<String>,
-    state_write_failed: bool,
+    retries: RetryBook,
+    timing: DecisionTiming,
+    watchdog: Watchdog,
+    status: Status,
 }
 
 impl<C: Connector, S: DeviceSource> Daemon<C, S> {
@@ -137,31 +95,46 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         events_sender: Sender<Event>,
         events: Receiver<Event>,
     ) -> Self {
-        Daemon {
+        Daemon::with_clock(
             connector,
             device_source,
+            config,
             options,
             events_sender,
             events,
+            MonotonicClock,
+        )
+    }
+}
+
+impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
+    /// `new` with the loop's schedule on `clock`.
+    pub fn with_clock(
+        connector: C,
+        device_source: S,
+        config: Config,
+        options: DaemonOptions,
+        events_sender: Sender<Event>,
+        events: Receiver<Event>,
+        clock: K,
+    ) -> Self {
+        let connection = Connection::new(connector, events_sender, clock.now());
+        let watchdog = Watchdog::new(options.watchdog);
+        Daemon {
+            connection,
+            device_source,
+            options,
+            events,
+            clock,
             config,
             config_error: None,
             devices: BTreeMap::new(),
-            hypervisor: None,
-            libvirt_error: None,
-            reconnect_attempts: 0,
-            connection_failures: 0,
-            recent_failures: std::collections::VecDeque::new(),
             ready_after_converge: false,
-            pending_detaches: HashMap::new(),
-            next_reconnect: Some(Instant::now()),
-            failures: HashMap::new(),
-            woke_at: Instant::now(),
-            device_hints: HashMap::new(),
-            next_watchdog: None,
-            started_at: unix_now(),
-            last_plan: Plan::default(),
-            running_vms: Vec::new(),
-            state_write_failed: false,
+            pending_detaches: PendingDetaches::default(),
+            retries: RetryBook::default(),
+            timing: DecisionTiming::new(),
+            watchdog,
+            status: Status::new(),
         }
     }
 
@@ -170,26 +143,17 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         self.rescan_devices()?;
         self.converge();
         notify::ready(&self.status_line());
-        self.schedule_watchdog();
+        self.watchdog.start(self.clock.now());
         loop {
-            let event = match self.next_deadline() {
-                None => self.events.recv().map_err(|_| DaemonError::EventsClosed)?,
-                Some(deadline) => {
-                    let timeout = deadline.saturating_duration_since(Instant::now());
-                    match self.events.recv_timeout(timeout) {
-                        Ok(event) => event,
-                        Err(RecvTimeoutError::Timeout) => {
-                            self.on_timeout();
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(DaemonError::EventsClosed)
-                        }
-                    }
+            let event = match self.clock.next_event(&self.events, self.next_deadline()) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.on_timeout();
+                    continue;
                 }
+                Err(RecvTimeoutError::Disconnected) => return Err(DaemonError::EventsClosed),
             };
-            self.woke_at = Instant::now();
-            self.device_hints.clear();
+            self.timing.woke();
             let mut stop = self.handle(event)?;
             // Coalesce a burst (a hub full of devices, an editor's several writes)
             // into one reconcile.
@@ -208,43 +172,35 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             if std::mem::take(&mut self.ready_after_converge) {
                 notify::ready(&self.status_line());
             }
-            self.ping_watchdog_if_due();
+            self.watchdog.ping_if_due(self.clock.now());
         }
     }
 
     fn on_timeout(&mut self) {
-        self.woke_at = Instant::now();
-        self.device_hints.clear();
-        self.ping_watchdog_if_due();
-        if self.next_deadline().is_some_and(|at| at <= Instant::now()) {
+        self.timing.woke();
+        self.watchdog.ping_if_due(self.clock.now());
+        if self
+            .next_deadline()
+            .is_some_and(|at| at <= self.clock.now())
+        {
             self.converge();
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         // While disconnected only the reconnect matters: retries wait for a connection.
-        let work = if self.hypervisor.is_none() {
-            self.next_reconnect
+        let work = if self.connection.is_connected() {
+            [
+                self.retries.next_attempt(),
+                self.pending_detaches.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
         } else {
-            let retries = self.failures.values().filter_map(|f| f.next_attempt);
-            let detaches = self.pending_detaches.values().map(|at| *at + DETACH_GRACE);
-            retries.chain(detaches).min()
+            self.connection.next_attempt()
         };
-        work.into_iter().chain(self.next_watchdog).min()
-    }
-
-    fn schedule_watchdog(&mut self) {
-        self.next_watchdog = self
-            .options
-            .watchdog
-            .map(|interval| Instant::now() + interval);
-    }
-
-    fn ping_watchdog_if_due(&mut self) {
-        if self.next_watchdog.is_some_and(|at| at <= Instant::now()) {
-            notify::watchdog();
-            self.schedule_watchdog();
-        }
+        work.into_iter().chain(self.watchdog.next_ping()).min()
     }
 
     /// Updates the loop's view; returns true to stop.
@@ -253,35 +209,32 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         match event {
             Event::DeviceAdded { device, received } => {
                 let address = device.address();
-                self.device_hints.insert(address, received);
-                self.forget_failures_of_device(address);
+                self.timing.device_event(address, received);
+                self.retries.forget_device(address);
                 if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
                     if old.address() != address {
-                        self.forget_failures_of_device(old.address());
+                        self.retries.forget_device(old.address());
                     }
                 }
             }
             Event::DeviceRemoved { syspath } => {
                 if let Some(device) = self.devices.remove(&syspath) {
-                    self.forget_failures_of_device(device.address());
+                    self.retries.forget_device(device.address());
                 }
             }
             Event::Domain { domain, .. } => {
-                self.failures
-                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+                self.retries.forget_domain(&domain);
             }
             Event::DomainDeviceRemoved { domain, alias } => {
-                self.pending_detaches
-                    .remove(&(domain.clone(), alias.clone()));
+                self.pending_detaches.finished(&domain, &alias);
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
-                self.failures
-                    .retain(|(failed_domain, _), _| *failed_domain != domain);
+                self.retries.forget_domain(&domain);
                 if let Some((address, _)) = HostdevAlias::parse(&alias)
                     .ok()
                     .and_then(|alias| alias.target())
                 {
-                    self.forget_failures_of_device(address);
+                    self.retries.forget_device(address);
                 }
             }
             Event::HypervisorDisconnected { reason } => {
@@ -296,7 +249,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 if let Err(error) = self.rescan_devices() {
                     log::warn!("{error}; keeping the previous device list");
                 }
-                self.failures.clear();
+                self.retries.clear();
                 self.ready_after_converge = true;
             }
             Event::Terminate => return Ok(true),
@@ -308,15 +261,6 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
             }
         }
         Ok(false)
-    }
-
-    fn forget_failures_of_device(&mut self, address: BusAddress) {
-        self.failures.retain(|(_, alias), _| {
-            HostdevAlias::parse(alias)
-                .ok()
-                .and_then(|alias| alias.target())
-                .is_none_or(|(failed, _)| failed != address)
-        });
     }
 
     fn rescan_devices(&mut self) -> Result<(), DaemonError> {
@@ -344,12 +288,11 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
                 if config.uri != self.config.uri {
                     log::info!("libvirt uri changed to {}: reconnecting", config.uri);
                     self.drop_connection("uri changed".to_string());
-                    self.next_reconnect = Some(Instant::now());
-                    self.reconnect_attempts = 0;
+                    self.connection.connect_at_once(self.clock.now());
                 }
                 self.config = config;
                 self.config_error = None;
-                self.failures.clear();
+                self.retries.clear();
             }
             // A file mid-save can be briefly absent; the final write brings another event.
             Err(ConfigError::ReadFile { source, .. })
@@ -364,154 +307,61 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
     }
 
-    /// Drops from the listing the hostdevs whose detach is under way, and forgets
-    /// pending detaches that have finished (gone from the XML) or taken too long.
-    fn hide_pending_detaches(&mut self, domains: &mut [DomainView]) {
-        let now = Instant::now();
-        self.pending_detaches.retain(|(domain, alias), requested| {
-            let still_listed = domains.iter().any(|d| {
-                d.name == *domain
-                    && d.hostdevs
-                        .iter()
-                        .any(|h| h.alias.as_deref() == Some(alias.as_str()))
-            });
-            still_listed && now < *requested + DETACH_GRACE
-        });
-        for domain in domains.iter_mut() {
-            let name = domain.name.clone();
-            domain.hostdevs.retain(|hostdev| {
-                hostdev.alias.as_ref().is_none_or(|alias| {
-                    !self
-                        .pending_detaches
-                        .contains_key(&(name.clone(), alias.clone()))
-                })
-            });
-        }
-    }
-
-    /// A round ended without its connection. The next connect waits, growing with each
-    /// such round in a row: a libvirtd that accepts connections but fails every call
-    /// (a permission problem, a broken driver) must not make the loop spin.
-    fn lost_connection_backoff(&mut self) {
-        if self.hypervisor.is_some() {
-            return;
-        }
-        self.connection_failures += 1;
-        let delay = backoff(self.connection_failures);
-        let at = Instant::now() + delay;
-        if self.next_reconnect.is_none_or(|next| next < at) {
-            log::info!("reconnecting to libvirt in {} ms", delay.as_millis());
-            self.next_reconnect = Some(at);
-        }
-    }
-
     fn drop_connection(&mut self, reason: String) {
-        self.hypervisor = None;
-        // A new connection lists afresh; what is still in the XML is still there.
+        self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
-        self.libvirt_error = Some(reason);
-        self.running_vms.clear();
-        if self.next_reconnect.is_none() {
-            self.next_reconnect = Some(Instant::now());
-        }
-    }
-
-    fn ensure_connected(&mut self) -> bool {
-        if self.hypervisor.is_some() {
-            return true;
-        }
-        if self.next_reconnect.is_some_and(|at| at > Instant::now()) {
-            return false;
-        }
-        match self
-            .connector
-            .connect(&self.config.uri, self.events_sender.clone())
-        {
-            Ok(hypervisor) => {
-                log::info!("connected to libvirt at {}", self.config.uri);
-                self.hypervisor = Some(hypervisor);
-                self.libvirt_error = None;
-                self.reconnect_attempts = 0;
-                self.next_reconnect = None;
-                // Anything that failed against the old connection is due again.
-                self.failures.clear();
-                true
-            }
-            Err(error) => {
-                self.reconnect_attempts += 1;
-                let delay = backoff(self.reconnect_attempts);
-                if self.reconnect_attempts == 1
-                    || self.libvirt_error.as_deref() != Some(&*error.to_string())
-                {
-                    log::warn!("{error}; retrying in {} ms", delay.as_millis());
-                }
-                self.libvirt_error = Some(error.to_string());
-                self.next_reconnect = Some(Instant::now() + delay);
-                false
-            }
-        }
+        self.status.disconnected();
     }
 
     /// Reconcile until nothing is due, at most `MAX_ROUNDS_PER_WAKE` times, then write
     /// the state file.
     fn converge(&mut self) {
         for _ in 0..MAX_ROUNDS_PER_WAKE {
-            if !self.ensure_connected() {
-                break;
+            match self
+                .connection
+                .ensure_connected(&self.config.uri, self.clock.now())
+            {
+                Link::Up => {}
+                // Anything that failed against the old connection is due again.
+                Link::Opened => self.retries.clear(),
+                Link::Down => break,
             }
             let Some(mut domains) = self.list_domains() else {
-                self.lost_connection_backoff();
+                self.connection.round_lost_connection(self.clock.now());
                 break;
             };
-            self.hide_pending_detaches(&mut domains);
+            self.pending_detaches.hide(&mut domains, self.clock.now());
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
             let plan = reconcile::plan(&self.config, &devices, &domains);
-            self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
-            // A failure whose action the rules no longer want is forgotten.
-            self.failures.retain(|key, _| {
-                plan.actions
-                    .iter()
-                    .any(|a| a.domain() == key.0 && *a.alias() == *key.1)
-            });
-            let now = Instant::now();
+            self.retries.keep_wanted(&plan.actions);
+            let now = self.clock.now();
             let due: Vec<Action> = plan
                 .actions
                 .iter()
-                .filter(|action| {
-                    self.failures
-                        .get(&(action.domain().to_string(), action.alias().to_string()))
-                        .is_none_or(|f| f.next_attempt.is_some_and(|at| at <= now))
-                })
+                .filter(|action| self.retries.is_due(action, now))
                 .cloned()
                 .collect();
-            self.last_plan = plan;
+            self.status.saw(&domains, plan.placements);
             if due.is_empty() {
-                self.connection_failures = 0;
+                self.connection.round_completed();
                 break;
             }
-            let mut connected = true;
-            for action in due {
-                if !self.execute(action) {
-                    connected = false;
-                    break;
-                }
-            }
-            if !connected {
-                self.lost_connection_backoff();
+            if !self.carry_out(due) {
+                self.connection.round_lost_connection(self.clock.now());
                 break;
             }
-            self.connection_failures = 0;
+            self.connection.round_completed();
         }
         self.write_state();
     }
 
     fn list_domains(&mut self) -> Option<Vec<DomainView>> {
-        let hypervisor = self.hypervisor.as_mut()?;
+        let hypervisor = self.connection.hypervisor()?;
         match hypervisor.running_domains() {
             Ok(domains) => Some(domains),
             Err(error) => {
                 // Without the domain list nothing can be decided: start over with a
-                // fresh connection (after a backoff, see `lost_connection_backoff`).
+                // fresh connection (after a backoff, see `round_lost_connection`).
                 log::warn!("{error}");
                 self.drop_connection(error.to_string());
                 None
@@ -519,106 +369,42 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
     }
 
-    /// Applies one action and logs the decision. Returns false when the connection
-    /// broke and the round must end.
-    fn execute(&mut self, action: Action) -> bool {
-        let Some(hypervisor) = self.hypervisor.as_mut() else {
-            return false;
-        };
-        let started = Instant::now();
-        let (result, line) = match &action {
-            Action::Attach {
-                domain,
-                device,
-                alias,
-                rule,
-            } => {
-                let cause = self
-                    .device_hints
-                    .get(&device.address())
-                    .copied()
-                    .unwrap_or(self.woke_at);
-                let decision_us = started.saturating_duration_since(cause).as_micros();
-                let result = hypervisor.attach(domain, &HostdevSpec::new(device, alias.clone()));
-                let line = format!(
-                    "attach device={} addr={} port={} rule={rule} vm={domain} alias={alias}",
-                    device.id(),
-                    device.address(),
-                    device.port_path
-                );
-                (result, format!("{line} decision_us={decision_us}"))
+    /// Carries out the due actions in order. Returns false when one broke the
+    /// connection and the round must end.
+    fn carry_out(&mut self, due: Vec<Action>) -> bool {
+        for action in due {
+            let Some(hypervisor) = self.connection.hypervisor() else {
+                return false;
+            };
+            let cause = self.timing.cause(&action);
+            let outcome = executor::execute(hypervisor, action);
+            if !self.book(outcome, cause) {
+                return false;
             }
-            Action::Detach {
-                domain,
-                alias,
-                id,
-                address,
-                reason,
-            } => {
-                let result = hypervisor.detach(domain, alias);
-                let id = id.map_or("unknown".to_string(), |id| id.to_string());
-                let address = address.map_or("unknown".to_string(), |a| a.to_string());
-                let line = format!(
-                    "detach device={id} addr={address} vm={domain} alias={alias} reason={reason}"
-                );
-                (result, line)
-            }
-        };
-        let call_ms = started.elapsed().as_millis();
-        let key = (action.domain().to_string(), action.alias().to_string());
-        match result {
+        }
+        true
+    }
+
+    /// Logs the decision and books its outcome. Returns false when the call broke the
+    /// connection.
+    fn book(&mut self, outcome: ActionOutcome, cause: Instant) -> bool {
+        let now = self.clock.now();
+        match &outcome.result {
             Ok(()) => {
-                log::info!("{line} result=ok call_ms={call_ms}");
-                if matches!(action, Action::Detach { .. }) {
-                    self.pending_detaches.insert(key.clone(), Instant::now());
+                log::info!("{}", decision::success_line(&outcome, cause));
+                if let Action::Detach { domain, alias, .. } = &outcome.action {
+                    self.pending_detaches.requested(domain, alias, now);
                 }
-                self.failures.remove(&key);
+                self.retries.succeeded(&outcome.action);
                 true
             }
             Err(error) => {
-                let kind = error.kind();
-                let attempts = self.failures.get(&key).map_or(0, |f| f.record.attempts) + 1;
-                let delay = retry_delay(kind, attempts);
-                let retry = delay.map_or("on-next-event".to_string(), |d| {
-                    format!("{}ms", d.as_millis())
-                });
+                let booked = self.retries.failed(&outcome.action, error, now);
                 log::warn!(
-                    "{line} result=error kind={kind} attempts={attempts} retry={retry} call_ms={call_ms} error=\"{error}\""
+                    "{}",
+                    decision::failure_line(&outcome, cause, error, booked.attempts, booked.delay)
                 );
-                let device = match &action {
-                    Action::Attach { device, .. } => device.to_string(),
-                    Action::Detach { id, address, .. } => format!(
-                        "{} at {}",
-                        id.map_or("unknown".into(), |id| id.to_string()),
-                        address.map_or("unknown".into(), |a| a.to_string())
-                    ),
-                };
-                let record = ActionFailure {
-                    action: match action {
-                        Action::Attach { .. } => "attach".into(),
-                        Action::Detach { .. } => "detach".into(),
-                    },
-                    domain: key.0.clone(),
-                    alias: key.1.clone(),
-                    device,
-                    kind,
-                    message: error.to_string(),
-                    attempts,
-                    last_attempt: unix_now(),
-                    retry_in_ms: delay.map(|d| d.as_millis() as u64),
-                };
-                self.recent_failures.push_back(record.clone());
-                if self.recent_failures.len() > RECENT_FAILURES {
-                    self.recent_failures.pop_front();
-                }
-                self.failures.insert(
-                    key,
-                    Failure {
-                        record,
-                        next_attempt: delay.map(|d| Instant::now() + d),
-                    },
-                );
-                if kind == FailureKind::ConnectionLost {
+                if error.kind() == FailureKind::ConnectionLost {
                     self.drop_connection(error.to_string());
                     return false;
                 }
@@ -627,500 +413,32 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         }
     }
 
+    fn loop_view(&self) -> LoopView<'_> {
+        LoopView {
+            config: &self.config,
+            config_path: &self.options.config_path,
+            config_error: self.config_error.as_deref(),
+            device_count: self.devices.len(),
+            connected: self.connection.is_connected(),
+            libvirt_error: self.connection.last_error(),
+            retries: &self.retries,
+        }
+    }
+
     fn status_line(&self) -> String {
-        let held = self
-            .last_plan
-            .placements
-            .iter()
-            .filter(|p| !p.holders.is_empty())
-            .count();
-        format!(
-            "{} rules, {} devices, {} passed through, libvirt {}",
-            self.config.rules.len(),
-            self.devices.len(),
-            held,
-            if self.hypervisor.is_some() {
-                "connected"
-            } else {
-                "disconnected"
-            }
-        )
+        self.status.line(&self.loop_view())
     }
 
     /// The state the CLI reads. Public for tests.
     pub fn state(&self) -> DaemonState {
-        let mut failures: Vec<ActionFailure> =
-            self.failures.values().map(|f| f.record.clone()).collect();
-        failures.sort_by(|a, b| (&a.domain, &a.alias).cmp(&(&b.domain, &b.alias)));
-        DaemonState {
-            format: STATE_FORMAT,
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            started_at: self.started_at,
-            updated_at: unix_now(),
-            config_path: self.options.config_path.clone(),
-            config_error: self.config_error.clone(),
-            rule_count: self.config.rules.len(),
-            libvirt: LibvirtStatus {
-                uri: self.config.uri.clone(),
-                connected: self.hypervisor.is_some(),
-                last_error: self.libvirt_error.clone(),
-            },
-            running_vms: self.running_vms.clone(),
-            devices: self.last_plan.placements.clone(),
-            failures,
-            recent_failures: self.recent_failures.iter().cloned().collect(),
-        }
+        self.status.snapshot(&self.loop_view())
     }
 
     fn write_state(&mut self) {
-        match self.state().write(&self.options.state_path) {
-            Ok(()) => self.state_write_failed = false,
-            Err(error) => {
-                if !self.state_write_failed {
-                    log::warn!("{error}");
-                }
-                self.state_write_failed = true;
-            }
-        }
+        let state = self.state();
+        self.status.write(&state, &self.options.state_path);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::DomainChange;
-    use crate::testing::devices::device;
-    use crate::testing::fake_hypervisor::{
-        Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld,
-    };
-    use std::sync::{mpsc, Arc, Mutex};
-    use std::thread::JoinHandle;
-
-    const RULES: &str = r#"
-[[rule]]
-name = "receiver"
-id = "046d:c52b"
-vm = ["win11", "fedora"]
-"#;
-
-    struct Harness {
-        world: SharedWorld,
-        /// What the device source lists on the next enumeration.
-        present: Arc<Mutex<Vec<UsbDevice>>>,
-        sender: Sender<Event>,
-        thread: Option<JoinHandle<Result<(), DaemonError>>>,
-        directory: tempfile::TempDir,
-    }
-
-    impl Harness {
-        fn start(rules: &str, world: FakeWorld, present: Vec<UsbDevice>) -> Harness {
-            let directory = tempfile::tempdir().unwrap();
-            let config_path = directory.path().join("usbpass.toml");
-            std::fs::write(&config_path, rules).unwrap();
-            let config = Config::load(&config_path).unwrap();
-            let world = SharedWorld::new(world);
-            let present = Arc::new(Mutex::new(present));
-            let (sender, receiver) = mpsc::channel();
-            let options = DaemonOptions {
-                config_path,
-                state_path: directory.path().join("state.json"),
-                watchdog: None,
-            };
-            let mut daemon = Daemon::new(
-                FakeConnector {
-                    world: world.clone(),
-                },
-                FixedDevices(present.clone()),
-                config,
-                options,
-                sender.clone(),
-                receiver,
-            );
-            let thread = Some(std::thread::spawn(move || daemon.run()));
-            let harness = Harness {
-                world,
-                present,
-                sender,
-                thread,
-                directory,
-            };
-            harness.wait_until("the first state file", |_| {
-                harness.directory.path().join("state.json").exists()
-            });
-            harness
-        }
-
-        fn send(&self, event: Event) {
-            self.sender.send(event).unwrap();
-        }
-
-        /// Send an event and wait until the loop has listed domains because of it.
-        fn send_and_settle(&self, event: Event) {
-            let lists = self.count(|call| *call == Call::ListDomains);
-            self.send(event);
-            self.wait_until("a reconcile", |world| {
-                world
-                    .calls
-                    .iter()
-                    .filter(|c| **c == Call::ListDomains)
-                    .count()
-                    > lists
-            });
-            // The round may list again after acting; let it finish.
-            self.send(Event::Domain {
-                domain: "nobody".into(),
-                change: DomainChange::Other,
-            });
-            let lists = self.count(|call| *call == Call::ListDomains);
-            self.wait_until("a quiet reconcile", |world| {
-                world
-                    .calls
-                    .iter()
-                    .filter(|c| **c == Call::ListDomains)
-                    .count()
-                    > lists
-            });
-        }
-
-        fn count(&self, predicate: impl Fn(&Call) -> bool) -> usize {
-            self.world
-                .lock()
-                .calls
-                .iter()
-                .filter(|c| predicate(c))
-                .count()
-        }
-
-        fn wait_until(&self, what: &str, condition: impl Fn(&FakeWorld) -> bool) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !condition(&self.world.lock()) {
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out waiting for {what}: {:#?}",
-                    self.world.lock().calls
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-
-        fn state(&self) -> DaemonState {
-            DaemonState::read(&self.directory.path().join("state.json")).unwrap()
-        }
-
-        fn stop(mut self) -> Result<(), DaemonError> {
-            self.send(Event::Terminate);
-            self.thread.take().unwrap().join().unwrap()
-        }
-    }
-
-    fn receiver(devnum: u16) -> UsbDevice {
-        device(1, devnum, 0x046d, 0xc52b, "1-2")
-    }
-
-    #[test]
-    fn plug_attaches_once_and_unplug_detaches() {
-        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
-        harness.send_and_settle(Event::DeviceAdded {
-            device: receiver(5),
-            received: Instant::now(),
-        });
-        assert_eq!(
-            harness.world.lock().aliases_in("win11"),
-            ["ua-usbpass-1-5-046d-c52b"]
-        );
-        // More hints change nothing: the world already matches the rules.
-        harness.send_and_settle(Event::DeviceAdded {
-            device: receiver(5),
-            received: Instant::now(),
-        });
-        assert_eq!(harness.world.lock().attaches().len(), 1);
-        let state = harness.state();
-        assert_eq!(state.devices[0].holders[0].domain, "win11");
-        assert!(state.libvirt.connected);
-
-        harness.send_and_settle(Event::DeviceRemoved {
-            syspath: receiver(5).syspath,
-        });
-        assert!(harness.world.lock().aliases_in("win11").is_empty());
-        assert_eq!(harness.world.lock().detaches().len(), 1);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn replug_replaces_the_stale_hostdev() {
-        let harness = Harness::start(
-            RULES,
-            FakeWorld::with_domains(&["win11"]),
-            vec![receiver(5)],
-        );
-        harness.wait_until("the first attach", |w| w.attaches().len() == 1);
-        // The kernel reuses the sysfs path (same port) with a new device number, and
-        // the remove event was missed.
-        harness.send_and_settle(Event::DeviceAdded {
-            device: receiver(6),
-            received: Instant::now(),
-        });
-        assert_eq!(
-            harness.world.lock().aliases_in("win11"),
-            ["ua-usbpass-1-6-046d-c52b"]
-        );
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_stopped_vm_makes_the_device_fall_back_and_return() {
-        let harness = Harness::start(
-            RULES,
-            FakeWorld::with_domains(&["win11", "fedora"]),
-            vec![receiver(5)],
-        );
-        harness.wait_until("the first attach", |w| w.aliases_in("win11").len() == 1);
-        harness.world.lock().stop_domain("win11");
-        harness.send_and_settle(Event::Domain {
-            domain: "win11".into(),
-            change: DomainChange::Stopped,
-        });
-        assert_eq!(harness.world.lock().aliases_in("fedora").len(), 1);
-        harness.world.lock().start_domain("win11");
-        harness.send_and_settle(Event::Domain {
-            domain: "win11".into(),
-            change: DomainChange::Started,
-        });
-        let world = harness.world.lock();
-        assert_eq!(world.aliases_in("win11").len(), 1);
-        assert!(world.aliases_in("fedora").is_empty());
-        drop(world);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn the_add_race_is_retried_quickly_and_then_succeeds() {
-        let mut world = FakeWorld::with_domains(&["win11"]);
-        world.failing_attaches = [FailureKind::DeviceNotFound; 2].into();
-        let harness = Harness::start(RULES, world, vec![receiver(5)]);
-        harness.wait_until("the attach to succeed", |w| {
-            w.aliases_in("win11").len() == 1
-        });
-        assert_eq!(harness.world.lock().attaches().len(), 3);
-        assert!(harness.state().failures.is_empty());
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_full_controller_is_reported_and_not_retried_in_a_tight_loop() {
-        let mut world = FakeWorld::with_domains(&["win11"]);
-        world.ports_per_domain = Some(0);
-        let harness = Harness::start(RULES, world, vec![receiver(5)]);
-        harness.wait_until("the attach attempt", |w| w.attaches().len() == 1);
-        // Several unrelated hints within the retry delay: no new attempt.
-        for _ in 0..3 {
-            harness.send_and_settle(Event::Domain {
-                domain: "other".into(),
-                change: DomainChange::Other,
-            });
-        }
-        assert_eq!(harness.world.lock().attaches().len(), 1);
-        let failure = &harness.state().failures[0];
-        assert_eq!(failure.kind, FailureKind::NoFreePort);
-        assert_eq!(failure.domain, "win11");
-        assert_eq!(failure.retry_in_ms, Some(5_000));
-        assert!(failure.message.contains("win11"), "{}", failure.message);
-        assert!(failure.message.contains("046d:c52b"), "{}", failure.message);
-        // An event about that vm (a port freed) makes it due again.
-        harness.world.lock().ports_per_domain = None;
-        harness.send_and_settle(Event::DomainDeviceRemoved {
-            domain: "win11".into(),
-            alias: "ua-other".into(),
-        });
-        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
-        assert!(harness.state().failures.is_empty());
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_lost_connection_is_reopened_and_state_healed() {
-        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
-        harness.world.lock().refuse_connections = true;
-        harness.send(Event::HypervisorDisconnected {
-            reason: "end of file from libvirtd".into(),
-        });
-        harness.wait_until("a refused reconnect", |w| {
-            w.calls.iter().filter(|c| **c == Call::Connect).count() >= 2
-        });
-        // While disconnected, a plug is remembered.
-        harness.send(Event::DeviceAdded {
-            device: receiver(5),
-            received: Instant::now(),
-        });
-        harness.world.lock().refuse_connections = false;
-        harness.wait_until("reconnect and attach", |w| w.aliases_in("win11").len() == 1);
-        let connects = harness.count(|c| *c == Call::Connect);
-        assert!((2..=4).contains(&connects), "{connects} connects");
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_broken_rules_edit_is_refused_and_the_old_rules_stay() {
-        let harness = Harness::start(
-            RULES,
-            FakeWorld::with_domains(&["win11", "lab"]),
-            vec![receiver(5)],
-        );
-        harness.wait_until("the first attach", |w| w.aliases_in("win11").len() == 1);
-        let path = harness.directory.path().join("usbpass.toml");
-        std::fs::write(
-            &path,
-            "[[rule]]\nname = \"receiver\"\nid = \"046d:zzzz\"\nvm = \"lab\"\n",
-        )
-        .unwrap();
-        harness.send_and_settle(Event::ConfigChanged);
-        let state = harness.state();
-        let error = state.config_error.expect("the error is reported");
-        assert!(error.ends_with("usbpass.toml:3:6: rule \"receiver\": \"zzzz\" is not a hex USB ID (1 to 4 hex digits, or *)"), "{error}");
-        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
-
-        std::fs::write(
-            &path,
-            "[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"lab\"\n",
-        )
-        .unwrap();
-        harness.send_and_settle(Event::ConfigChanged);
-        assert!(harness.state().config_error.is_none());
-        let world = harness.world.lock();
-        assert!(world.aliases_in("win11").is_empty());
-        assert_eq!(world.aliases_in("lab").len(), 1);
-        drop(world);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_failed_watcher_stops_the_daemon_with_an_error() {
-        let harness = Harness::start(RULES, FakeWorld::with_domains(&[]), vec![]);
-        harness.send(Event::SourceFailed {
-            source: "udev",
-            message: "netlink socket closed".into(),
-        });
-        let mut harness = harness;
-        let result = harness.thread.take().unwrap().join().unwrap();
-        assert_eq!(
-            result.unwrap_err().to_string(),
-            "the udev watcher stopped: netlink socket closed"
-        );
-    }
-
-    #[test]
-    fn a_failing_listing_backs_off_instead_of_spinning() {
-        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
-        harness
-            .world
-            .lock()
-            .fail_every_call(Some(FailureKind::Other));
-        harness.send(Event::DeviceAdded {
-            device: receiver(5),
-            received: Instant::now(),
-        });
-        // Backoff 0.5 s, 1 s, ...: in 1.2 s at most a handful of calls, not thousands.
-        std::thread::sleep(Duration::from_millis(1200));
-        let calls = harness.world.lock().calls.len();
-        assert!(calls < 12, "{calls} calls");
-        harness.world.lock().fail_every_call(None);
-        harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_call_that_breaks_the_connection_every_time_backs_off() {
-        let mut world = FakeWorld::with_domains(&["win11"]);
-        world.failing_attaches = [FailureKind::ConnectionLost; 100].into();
-        let harness = Harness::start(RULES, world, vec![receiver(5)]);
-        // Connect, list, attach (breaks), then reconnects 0.5 s, 1 s, ... apart.
-        std::thread::sleep(Duration::from_millis(1200));
-        let connects = harness.count(|c| *c == Call::Connect);
-        assert!((2..=4).contains(&connects), "{connects} connects in 1.2 s");
-        harness.world.lock().failing_attaches.clear();
-        harness.wait_until("recovery", |w| w.aliases_in("win11").len() == 1);
-        let state = harness.state();
-        assert!(state.failures.is_empty());
-        assert_eq!(state.recent_failures[0].kind, FailureKind::ConnectionLost);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
-        let harness = Harness::start(
-            RULES,
-            FakeWorld::with_domains(&["fedora"]),
-            vec![receiver(5)],
-        );
-        harness.wait_until("attach to fedora", |w| w.aliases_in("fedora").len() == 1);
-        // win11 starts, but the attach there fails while fedora still holds the device.
-        harness.world.lock().failing_attaches = [FailureKind::DeviceInUse].into();
-        harness.world.lock().start_domain("win11");
-        harness.send_and_settle(Event::Domain {
-            domain: "win11".into(),
-            change: DomainChange::Started,
-        });
-        assert_eq!(harness.state().failures[0].retry_in_ms, Some(5_000));
-        // libvirt reports the detach from fedora: the attach is due at once, not in 5 s.
-        harness.send_and_settle(Event::DomainDeviceRemoved {
-            domain: "fedora".into(),
-            alias: "ua-usbpass-1-5-046d-c52b".into(),
-        });
-        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn an_unplug_under_way_is_not_requested_twice() {
-        let mut world = FakeWorld::with_domains(&["win11"]);
-        world.asynchronous_detach = true;
-        let harness = Harness::start(RULES, world, vec![receiver(5)]);
-        harness.wait_until("the attach", |w| w.aliases_in("win11").len() == 1);
-        harness.send_and_settle(Event::DeviceRemoved {
-            syspath: receiver(5).syspath,
-        });
-        // QEMU has not finished: the hostdev is still listed, and more hints come in.
-        for _ in 0..3 {
-            harness.send_and_settle(Event::Domain {
-                domain: "win11".into(),
-                change: DomainChange::Other,
-            });
-        }
-        assert_eq!(harness.world.lock().detaches().len(), 1);
-        harness.world.lock().finish_detaches();
-        harness.send_and_settle(Event::Domain {
-            domain: "win11".into(),
-            change: DomainChange::Other,
-        });
-        assert!(harness.world.lock().aliases_in("win11").is_empty());
-        assert_eq!(harness.world.lock().detaches().len(), 1);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn sighup_rescans_devices_and_heals_missed_events() {
-        let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
-        // The plug's udev event was lost (a full socket buffer, say).
-        harness.present.lock().unwrap().push(receiver(5));
-        harness.send_and_settle(Event::Domain {
-            domain: "other".into(),
-            change: DomainChange::Other,
-        });
-        assert!(harness.world.lock().attaches().is_empty());
-        harness.send_and_settle(Event::Reload);
-        assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
-        harness.stop().unwrap();
-    }
-
-    #[test]
-    fn retry_schedule_is_bounded() {
-        let delays: Vec<_> = (1..=6)
-            .map(|attempt| retry_delay(FailureKind::DeviceNotFound, attempt))
-            .collect();
-        assert_eq!(delays[0], Some(Duration::from_millis(100)));
-        assert_eq!(delays[5], None, "gives up after five retries");
-        assert_eq!(retry_delay(FailureKind::NoFreePort, 3), None);
-        assert_eq!(retry_delay(FailureKind::DomainGone, 1), None);
-    }
-}
+mod tests;

@@ -1,8 +1,9 @@
-//! sd_notify messages to systemd: READY, RELOADING, STOPPING, STATUS and the watchdog.
-//! Without `NOTIFY_SOCKET` (not started by systemd) every call does nothing.
+//! sd_notify messages to systemd: READY, RELOADING, STOPPING, STATUS and the watchdog,
+//! with the watchdog's ping schedule. Without `NOTIFY_SOCKET` (not started by systemd)
+//! every call does nothing.
 
 use sd_notify::NotifyState;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn send(states: &[NotifyState]) {
     // Failing to reach systemd must not stop the daemon; systemd notices on its own.
@@ -46,5 +47,37 @@ pub fn watchdog_interval() -> Option<Duration> {
         Some(Duration::from_micros(usec / 2))
     } else {
         None
+    }
+}
+
+/// The watchdog's ping schedule: a ping every interval once the loop runs, none when
+/// systemd does not ask for them.
+pub struct Watchdog {
+    interval: Option<Duration>,
+    next_ping: Option<Instant>,
+}
+
+impl Watchdog {
+    pub fn new(interval: Option<Duration>) -> Watchdog {
+        Watchdog {
+            interval,
+            next_ping: None,
+        }
+    }
+
+    /// The next ping is one interval from `now`.
+    pub fn start(&mut self, now: Instant) {
+        self.next_ping = self.interval.map(|interval| now + interval);
+    }
+
+    pub fn ping_if_due(&mut self, now: Instant) {
+        if self.next_ping.is_some_and(|at| at <= now) {
+            watchdog();
+            self.start(now);
+        }
+    }
+
+    pub fn next_ping(&self) -> Option<Instant> {
+        self.next_ping
     }
 }

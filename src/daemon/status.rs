@@ -1,0 +1,188 @@
+//! The loop's status: the snapshot it writes to the state file after every reconcile,
+//! for `usbpass status`, and the one-line STATUS it gives systemd.
+
+use crate::daemon::retries::RetryBook;
+use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::hypervisor::DomainView;
+use crate::reconcile::Placement;
+use crate::rules::Config;
+use std::path::Path;
+
+/// What the status keeps of its own: what the last round saw.
+pub struct Status {
+    /// Unix time in seconds.
+    started_at: u64,
+    running_vms: Vec<String>,
+    placements: Vec<Placement>,
+    /// The state file could not be written last time: warn once, not every reconcile.
+    write_failed: bool,
+}
+
+/// The rest of the loop's view, lent for one snapshot.
+pub struct LoopView<'a> {
+    pub config: &'a Config,
+    pub config_path: &'a Path,
+    pub config_error: Option<&'a str>,
+    pub device_count: usize,
+    pub connected: bool,
+    pub libvirt_error: Option<&'a str>,
+    pub retries: &'a RetryBook,
+}
+
+impl Status {
+    pub fn new() -> Status {
+        Status {
+            started_at: unix_now(),
+            running_vms: Vec::new(),
+            placements: Vec::new(),
+            write_failed: false,
+        }
+    }
+
+    /// A round listed these VMs and placed the devices so.
+    pub fn saw(&mut self, domains: &[DomainView], placements: Vec<Placement>) {
+        self.running_vms = domains.iter().map(|d| d.name.clone()).collect();
+        self.placements = placements;
+    }
+
+    /// Without a connection no VM is known to run.
+    pub fn disconnected(&mut self) {
+        self.running_vms.clear();
+    }
+
+    /// systemd's STATUS: `3 rules, 4 devices, 2 passed through, libvirt connected`.
+    pub fn line(&self, view: &LoopView) -> String {
+        let held = self
+            .placements
+            .iter()
+            .filter(|p| !p.holders.is_empty())
+            .count();
+        format!(
+            "{} rules, {} devices, {} passed through, libvirt {}",
+            view.config.rules.len(),
+            view.device_count,
+            held,
+            if view.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        )
+    }
+
+    pub fn snapshot(&self, view: &LoopView) -> DaemonState {
+        DaemonState {
+            format: STATE_FORMAT,
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            updated_at: unix_now(),
+            config_path: view.config_path.to_path_buf(),
+            config_error: view.config_error.map(str::to_string),
+            rule_count: view.config.rules.len(),
+            libvirt: LibvirtStatus {
+                uri: view.config.uri.clone(),
+                connected: view.connected,
+                last_error: view.libvirt_error.map(str::to_string),
+            },
+            running_vms: self.running_vms.clone(),
+            devices: self.placements.clone(),
+            failures: view.retries.current(),
+            recent_failures: view.retries.recent(),
+        }
+    }
+
+    /// Writes the state file; a failure is logged, once until a write succeeds again.
+    pub fn write(&mut self, state: &DaemonState, path: &Path) {
+        match state.write(path) {
+            Ok(()) => self.write_failed = false,
+            Err(error) => {
+                if !self.write_failed {
+                    log::warn!("{error}");
+                }
+                self.write_failed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{FailureKind, HypervisorError};
+    use crate::model::alias::{HostdevAlias, Ownership};
+    use crate::reconcile::{Action, Holder};
+    use crate::testing::devices::device;
+    use std::time::Instant;
+
+    #[test]
+    fn the_snapshot_and_the_status_line_say_what_the_last_round_saw() {
+        let directory = tempfile::tempdir().unwrap();
+        let config_path = directory.path().join("usbpass.toml");
+        std::fs::write(
+            &config_path,
+            "[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"win11\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&config_path).unwrap();
+        let receiver = device(1, 5, 0x046d, 0xc52b, "1-2");
+        let alias = HostdevAlias::for_rules(&receiver);
+        let mut retries = RetryBook::default();
+        let attach = Action::Attach {
+            domain: "win11".into(),
+            device: Box::new(receiver.clone()),
+            alias: alias.clone(),
+            rule: "receiver".into(),
+        };
+        let error = HypervisorError::Attach {
+            domain: "win11".into(),
+            device: receiver.to_string(),
+            kind: FailureKind::NoFreePort,
+            message: "no port".into(),
+        };
+        retries.failed(&attach, &error, Instant::now());
+        let mut status = Status::new();
+        let win11 = DomainView {
+            name: "win11".into(),
+            hostdevs: Vec::new(),
+        };
+        let placement = Placement {
+            device: receiver,
+            rule: Some("receiver".into()),
+            wanted_vm: Some("win11".into()),
+            holders: vec![Holder {
+                domain: "win11".into(),
+                alias: Some(alias.to_string()),
+                ownership: Ownership::Rules,
+            }],
+        };
+        status.saw(&[win11], vec![placement]);
+        let view = LoopView {
+            config: &config,
+            config_path: &config_path,
+            config_error: None,
+            device_count: 1,
+            connected: true,
+            libvirt_error: None,
+            retries: &retries,
+        };
+        assert_eq!(
+            status.line(&view),
+            "1 rules, 1 devices, 1 passed through, libvirt connected"
+        );
+        let state = status.snapshot(&view);
+        assert_eq!(state.running_vms, ["win11"]);
+        assert_eq!(state.devices[0].wanted_vm.as_deref(), Some("win11"));
+        assert_eq!(state.failures[0].kind, FailureKind::NoFreePort);
+        assert_eq!(state.recent_failures.len(), 1);
+        assert!(state.libvirt.connected);
+
+        status.disconnected();
+        let state_path = directory.path().join("state.json");
+        status.write(&status.snapshot(&view), &state_path);
+        assert!(DaemonState::read(&state_path)
+            .unwrap()
+            .running_vms
+            .is_empty());
+    }
+}
