@@ -117,6 +117,7 @@ fn main() {
         sender
             .send(Event::DeviceRemoved {
                 syspath: device(devnum).syspath,
+                address: Some(device(devnum).address()),
             })
             .unwrap();
         while !world.lock().aliases_in("win11").is_empty() {

@@ -1,6 +1,6 @@
 //! The one closed `Event` enum: everything that can wake the daemon's loop.
 
-use crate::model::UsbDevice;
+use crate::model::{BusAddress, UsbDevice};
 use std::time::Instant;
 
 /// What happened to a domain, as far as placement cares.
@@ -15,15 +15,21 @@ pub enum DomainChange {
 /// Events are hints: each one only makes the loop reconcile again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// udev `add`, `bind` or `change` of a `usb_device`. `received` is when the monitor
-    /// read it off udev's socket: decision times count from there, so that time spent
-    /// queued behind other work is not hidden.
+    /// The kernel's `add`, `bind` or `change` of a `usb_device`, read from sysfs at once.
+    /// `received` is when the monitor read it off its socket: decision times count from
+    /// there, so that time spent queued behind other work is not hidden.
     DeviceAdded {
         device: UsbDevice,
         received: Instant,
     },
-    /// udev `remove`. sysfs is gone by now, so only the path and numbers are known.
-    DeviceRemoved { syspath: String },
+    /// The kernel's `remove` of a `usb_device`. sysfs is gone by now; the event names
+    /// the path and the instance that left (bus and device number, from its `BUSNUM`
+    /// and `DEVNUM`). A removal removes only that instance: a newer plug on the same
+    /// port has the same path and must stay. `None` when the event did not say.
+    DeviceRemoved {
+        syspath: String,
+        address: Option<BusAddress>,
+    },
     /// A domain lifecycle event.
     Domain {
         domain: String,
@@ -31,6 +37,9 @@ pub enum Event {
     },
     /// libvirt's DEVICE_REMOVED: a hot-unplug finished.
     DomainDeviceRemoved { domain: String, alias: String },
+    /// libvirt's DEVICE_ADDED: a device was hot-plugged into a running domain, by
+    /// usbpass or by anyone else.
+    DomainDeviceAdded { domain: String, alias: String },
     /// The libvirt connection closed or broke.
     HypervisorDisconnected { reason: String },
     /// The rules file changed on disk.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use usbpass::cli::device_spec::{parse_device_spec, resolve, ResolveError};
 use usbpass::event::Event;
 use usbpass::host::udev;
-use usbpass::model::{InterfaceClass, UsbDevice};
+use usbpass::model::{BusAddress, InterfaceClass, UsbDevice};
 
 const INNER_RUN_VARIABLE: &str = "USBPASS_UMOCKDEV_INNER_TEST";
 const DEVICE_TREE: &str = "tests/umockdev/usb-tree.umockdev";
@@ -506,7 +506,9 @@ fn inner_monitor_turns_uevents_into_events() {
     assert_eq!(
         next_event(&events, "remove of the hostile device"),
         Event::DeviceRemoved {
-            syspath: format!("{xhci}/usb1/1-2/1-2.4")
+            syspath: format!("{xhci}/usb1/1-2/1-2.4"),
+            // The instance that left, from the event's BUSNUM and DEVNUM.
+            address: Some(BusAddress { bus: 1, device: 7 }),
         }
     );
     // Gone from enumeration too.

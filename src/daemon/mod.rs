@@ -9,6 +9,7 @@ pub mod clock;
 mod connection;
 mod decision;
 mod executor;
+mod live_domains;
 pub mod notify;
 mod pending_detaches;
 mod retries;
@@ -20,6 +21,7 @@ use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::connection::{Connection, Link};
 use crate::daemon::decision::DecisionTiming;
 use crate::daemon::executor::ActionOutcome;
+use crate::daemon::live_domains::LiveDomains;
 use crate::daemon::notify::Watchdog;
 use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
@@ -27,7 +29,7 @@ use crate::daemon::state::DaemonState;
 use crate::daemon::status::{LoopView, Status};
 use crate::event::Event;
 use crate::host::{DeviceSource, HostError};
-use crate::hypervisor::{Connector, DomainView, FailureKind, Hypervisor};
+use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
 use crate::reconcile::{self, Action};
@@ -73,8 +75,10 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     config: Config,
     /// Set while a broken rules file is refused and the previous rules stay in force.
     config_error: Option<String>,
-    /// The present devices by sysfs path, kept current by udev events.
+    /// The present devices by sysfs path, kept current by the kernel's events.
     devices: BTreeMap<String, UsbDevice>,
+    /// The running domains' hostdevs, a copy of their live XML.
+    live: LiveDomains,
     pending_detaches: PendingDetaches,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
@@ -129,6 +133,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             config,
             config_error: None,
             devices: BTreeMap::new(),
+            live: LiveDomains::new(),
             ready_after_converge: false,
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
@@ -217,16 +222,30 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     }
                 }
             }
-            Event::DeviceRemoved { syspath } => {
-                if let Some(device) = self.devices.remove(&syspath) {
-                    self.retries.forget_device(device.address());
+            Event::DeviceRemoved { syspath, address } => {
+                // Only the instance the event names leaves: a late `remove` of an
+                // earlier plug on this port must not drop the device plugged there now.
+                let named = |device: &UsbDevice| address.is_none_or(|a| a == device.address());
+                if self.devices.get(&syspath).is_some_and(named) {
+                    if let Some(device) = self.devices.remove(&syspath) {
+                        self.retries.forget_device(device.address());
+                    }
+                } else {
+                    log::debug!(
+                        "ignoring the removal of {syspath}: not the instance present there now"
+                    );
                 }
             }
             Event::Domain { domain, .. } => {
                 self.retries.forget_domain(&domain);
+                self.live.invalidate();
+            }
+            Event::DomainDeviceAdded { domain, alias } => {
+                self.live.device_added(&domain, &alias);
             }
             Event::DomainDeviceRemoved { domain, alias } => {
                 self.pending_detaches.finished(&domain, &alias);
+                self.live.device_removed(&domain, &alias);
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
                 self.retries.forget_domain(&domain);
@@ -250,6 +269,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     log::warn!("{error}; keeping the previous device list");
                 }
                 self.retries.clear();
+                self.live.invalidate();
                 self.ready_after_converge = true;
             }
             Event::Terminate => return Ok(true),
@@ -310,6 +330,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn drop_connection(&mut self, reason: String) {
         self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
+        self.live.invalidate();
         self.status.disconnected();
     }
 
@@ -326,13 +347,28 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 Link::Opened => self.retries.clear(),
                 Link::Down => break,
             }
-            let Some(mut domains) = self.list_domains() else {
-                self.connection.round_lost_connection(self.clock.now());
-                break;
-            };
-            self.pending_detaches.hide(&mut domains, self.clock.now());
+            if self.live.is_stale() {
+                let Some(domains) = self.list_domains() else {
+                    self.connection.round_lost_connection(self.clock.now());
+                    break;
+                };
+                self.live.refreshed(domains);
+            }
+            let mut domains = self.live.domains().to_vec();
+            if self.pending_detaches.hide(&mut domains, self.clock.now()) {
+                // A detach that did not finish in time: what libvirt shows now, only a
+                // fresh read tells.
+                self.live.invalidate();
+                continue;
+            }
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-            let plan = reconcile::plan(&self.config, &devices, &domains);
+            let mut plan = reconcile::plan(&self.config, &devices, &domains);
+            // An attach under the alias of a detach still under way would be refused
+            // as a duplicate alias: it waits for DEVICE_REMOVED.
+            plan.actions.retain(|action| {
+                !matches!(action, Action::Attach { domain, alias, .. }
+                    if self.pending_detaches.contains(domain, alias))
+            });
             self.retries.keep_wanted(&plan.actions);
             let now = self.clock.now();
             let due: Vec<Action> = plan
@@ -392,13 +428,26 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         match &outcome.result {
             Ok(()) => {
                 log::info!("{}", decision::success_line(&outcome, cause));
-                if let Action::Detach { domain, alias, .. } = &outcome.action {
-                    self.pending_detaches.requested(domain, alias, now);
+                match &outcome.action {
+                    Action::Detach { domain, alias, .. } => {
+                        self.pending_detaches.requested(domain, alias, now)
+                    }
+                    Action::Attach {
+                        domain,
+                        device,
+                        alias,
+                        ..
+                    } => self
+                        .live
+                        .attached(domain, &HostdevSpec::new(device, alias.clone())),
                 }
                 self.retries.succeeded(&outcome.action);
                 true
             }
             Err(error) => {
+                // The live XML is not what the loop believed (a vm gone, a duplicate,
+                // a device already taken): read it again before the next plan.
+                self.live.invalidate();
                 let booked = self.retries.failed(&outcome.action, error, now);
                 log::warn!(
                     "{}",

@@ -36,9 +36,17 @@ impl PendingDetaches {
         self.0.values().map(|at| *at + DETACH_GRACE).min()
     }
 
+    /// Whether a detach of this hostdev is under way.
+    pub fn contains(&self, domain: &str, alias: &HostdevAlias) -> bool {
+        self.0
+            .contains_key(&(domain.to_string(), alias.to_string()))
+    }
+
     /// Drops from the listing the hostdevs whose detach is under way, and forgets
     /// pending detaches that have finished (gone from the XML) or taken too long.
-    pub fn hide(&mut self, domains: &mut [DomainView], now: Instant) {
+    /// Returns whether one took too long: the hostdev is still listed past its grace.
+    pub fn hide(&mut self, domains: &mut [DomainView], now: Instant) -> bool {
+        let mut overdue = false;
         self.0.retain(|(domain, alias), requested| {
             let still_listed = domains.iter().any(|d| {
                 d.name == *domain
@@ -46,7 +54,9 @@ impl PendingDetaches {
                         .iter()
                         .any(|h| h.alias.as_deref() == Some(alias.as_str()))
             });
-            still_listed && now < *requested + DETACH_GRACE
+            let in_time = now < *requested + DETACH_GRACE;
+            overdue |= still_listed && !in_time;
+            still_listed && in_time
         });
         for domain in domains.iter_mut() {
             let name = domain.name.clone();
@@ -57,6 +67,7 @@ impl PendingDetaches {
                     .is_none_or(|alias| !self.0.contains_key(&(name.clone(), alias.clone())))
             });
         }
+        overdue
     }
 }
 

@@ -146,6 +146,7 @@ fn plug_attaches_once_and_unplug_detaches() {
 
     harness.send_and_settle(Event::DeviceRemoved {
         syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
     });
     assert!(harness.world.lock().aliases_in("win11").is_empty());
     assert_eq!(harness.world.lock().detaches().len(), 1);
@@ -399,11 +400,10 @@ fn a_call_that_breaks_the_connection_every_time_backs_off() {
 
 #[test]
 fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
-    let harness = Harness::start(
-        RULES,
-        FakeWorld::with_domains(&["fedora"]),
-        vec![receiver(5)],
-    );
+    // QEMU finishes the unplug from fedora later, as it does for a real guest.
+    let mut world = FakeWorld::with_domains(&["fedora"]);
+    world.asynchronous_detach = true;
+    let harness = Harness::start(RULES, world, vec![receiver(5)]);
     harness.wait_until("attach to fedora", |w| w.aliases_in("fedora").len() == 1);
     // win11 starts, but the attach there fails while fedora still holds the device.
     harness.world.lock().failing_attaches = [FailureKind::DeviceInUse].into();
@@ -414,10 +414,8 @@ fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
     });
     assert_eq!(harness.state().failures[0].retry_in_ms, Some(5_000));
     // libvirt reports the detach from fedora: the attach is due at once, not in 5 s.
-    harness.send_and_settle(Event::DomainDeviceRemoved {
-        domain: "fedora".into(),
-        alias: "ua-usbpass-1-5-046d-c52b".into(),
-    });
+    harness.world.lock().finish_detaches();
+    harness.clock.settle();
     assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
     harness.stop().unwrap();
 }
@@ -430,6 +428,7 @@ fn an_unplug_under_way_is_not_requested_twice() {
     harness.wait_until("the attach", |w| w.aliases_in("win11").len() == 1);
     harness.send_and_settle(Event::DeviceRemoved {
         syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
     });
     // QEMU has not finished: the hostdev is still listed, and more hints come in.
     for _ in 0..3 {
@@ -456,6 +455,7 @@ fn an_unplug_the_guest_ignores_is_requested_again_after_the_grace() {
     let harness = Harness::start(RULES, world, vec![receiver(5)]);
     harness.send_and_settle(Event::DeviceRemoved {
         syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
     });
     assert_eq!(harness.next_wake(), Some(pending_detaches::DETACH_GRACE));
     harness.advance(pending_detaches::DETACH_GRACE);
@@ -475,5 +475,126 @@ fn sighup_rescans_devices_and_heals_missed_events() {
     assert!(harness.world.lock().attaches().is_empty());
     harness.send_and_settle(Event::Reload);
     assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
+    harness.stop().unwrap();
+}
+
+#[test]
+fn a_late_removal_of_an_earlier_plug_leaves_the_present_one_alone() {
+    let harness = Harness::start(
+        RULES,
+        FakeWorld::with_domains(&["win11"]),
+        vec![receiver(5)],
+    );
+    // Replugged on the same port: the same sysfs path, a new device number.
+    harness.send_and_settle(Event::DeviceRemoved {
+        syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
+    });
+    harness.send_and_settle(Event::DeviceAdded {
+        device: receiver(6),
+        received: Instant::now(),
+    });
+    assert_eq!(
+        harness.world.lock().aliases_in("win11"),
+        ["ua-usbpass-1-6-046d-c52b"]
+    );
+    let calls = harness.world.lock().calls.len();
+    // A second word of the first plug's removal, late (udev running behind delivered
+    // such removals): the device plugged there now stays where it is.
+    harness.send_and_settle(Event::DeviceRemoved {
+        syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
+    });
+    let world = harness.world.lock();
+    assert_eq!(world.aliases_in("win11"), ["ua-usbpass-1-6-046d-c52b"]);
+    assert_eq!(world.calls.len(), calls, "{:#?}", world.calls);
+    drop(world);
+    assert_eq!(harness.state().devices.len(), 1);
+    harness.stop().unwrap();
+}
+
+#[test]
+fn a_plug_and_an_unplug_cost_one_call_each_and_no_listing() {
+    let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+    let before = harness.world.lock().calls.len();
+    harness.send_and_settle(Event::DeviceAdded {
+        device: receiver(5),
+        received: Instant::now(),
+    });
+    harness.send_and_settle(Event::DeviceRemoved {
+        syspath: receiver(5).syspath,
+        address: Some(receiver(5).address()),
+    });
+    let world = harness.world.lock();
+    let alias = "ua-usbpass-1-5-046d-c52b".to_string();
+    assert_eq!(
+        world.calls[before..],
+        [
+            Call::Attach {
+                domain: "win11".into(),
+                alias: alias.clone(),
+            },
+            Call::Detach {
+                domain: "win11".into(),
+                alias,
+            },
+        ]
+    );
+    assert!(world.aliases_in("win11").is_empty());
+    drop(world);
+    harness.stop().unwrap();
+}
+
+#[test]
+fn a_device_someone_else_added_is_read_from_the_live_xml() {
+    let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+    // Someone attached the receiver by hand (virsh attach-device) before it was plugged.
+    harness.world.lock().domains[0]
+        .hostdevs
+        .push(crate::hypervisor::UsbHostdev {
+            alias: Some("hostdev0".into()),
+            id: Some(receiver(5).id()),
+            address: Some(receiver(5).address()),
+        });
+    let lists = harness.count(|call| *call == Call::ListDomains);
+    harness.send_and_settle(Event::DomainDeviceAdded {
+        domain: "win11".into(),
+        alias: "hostdev0".into(),
+    });
+    assert_eq!(harness.count(|call| *call == Call::ListDomains), lists + 1);
+    // The plug finds the device taken and leaves it there.
+    harness.send_and_settle(Event::DeviceAdded {
+        device: receiver(5),
+        received: Instant::now(),
+    });
+    assert!(harness.world.lock().attaches().is_empty());
+    harness.stop().unwrap();
+}
+
+#[test]
+fn no_attach_under_the_alias_of_a_detach_still_under_way() {
+    let mut world = FakeWorld::with_domains(&["win11"]);
+    world.asynchronous_detach = true;
+    let harness = Harness::start(RULES, world, vec![receiver(5)]);
+    harness.wait_until("the attach", |w| w.aliases_in("win11").len() == 1);
+    let path = harness.directory.path().join("usbpass.toml");
+    // The rule goes away (a detach QEMU has not finished yet) and comes back.
+    std::fs::write(
+        &path,
+        "[[rule]]\nname = \"other\"\nid = \"1234:5678\"\nvm = \"win11\"\n",
+    )
+    .unwrap();
+    harness.send_and_settle(Event::ConfigChanged);
+    assert_eq!(harness.world.lock().detaches().len(), 1);
+    std::fs::write(&path, RULES).unwrap();
+    harness.send_and_settle(Event::ConfigChanged);
+    // libvirt would refuse a second hostdev with that alias while the first is there.
+    assert_eq!(harness.world.lock().attaches().len(), 1);
+    harness.world.lock().finish_detaches();
+    harness.clock.settle();
+    let world = harness.world.lock();
+    assert_eq!(world.attaches().len(), 2);
+    assert_eq!(world.aliases_in("win11"), ["ua-usbpass-1-5-046d-c52b"]);
+    drop(world);
     harness.stop().unwrap();
 }

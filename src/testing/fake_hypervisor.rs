@@ -214,6 +214,13 @@ impl Hypervisor for FakeHypervisor {
             return Err(fail(FailureKind::NoFreePort));
         }
         target.hostdevs.push(hostdev);
+        // libvirt tells every client, the one that attached included.
+        if let Some(events) = &world.events {
+            let _ = events.send(Event::DomainDeviceAdded {
+                domain: domain.to_string(),
+                alias,
+            });
+        }
         Ok(())
     }
 
@@ -260,6 +267,13 @@ impl Hypervisor for FakeHypervisor {
             .retain(|h| h.alias.as_deref() != Some(alias));
         if target.hostdevs.len() == before {
             return Err(fail(FailureKind::Other));
+        }
+        // QEMU finished at once: libvirt still reports it, as it does for every unplug.
+        if let Some(events) = &world.events {
+            let _ = events.send(Event::DomainDeviceRemoved {
+                domain: domain.to_string(),
+                alias: alias.to_string(),
+            });
         }
         Ok(())
     }

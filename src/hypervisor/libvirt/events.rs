@@ -59,7 +59,8 @@ pub struct RegisterError {
     pub source: virt::error::Error,
 }
 
-/// Registers LIFECYCLE and DEVICE_REMOVED for every domain, and the close callback.
+/// Registers LIFECYCLE, DEVICE_REMOVED and DEVICE_ADDED for every domain, and the close
+/// callback.
 /// Drivers without close callbacks (the in-process `test:///` driver) are accepted:
 /// they cannot lose a connection.
 pub fn register(
@@ -121,6 +122,27 @@ pub fn register(
         device_removed,
         events,
         "domain device removed",
+    )?;
+
+    let device_added: unsafe extern "C" fn(
+        sys::virConnectPtr,
+        sys::virDomainPtr,
+        *const c_char,
+        *mut c_void,
+    ) = device_added_callback;
+    // SAFETY: as above, for VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, whose callback type is
+    // virConnectDomainEventDeviceAddedCallback, the signature of `device_added_callback`.
+    let device_added = unsafe {
+        std::mem::transmute::<
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+        >(device_added)
+    };
+    registrations.register_domain_event(
+        sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED as c_int,
+        device_added,
+        events,
+        "domain device added",
     )?;
 
     registrations.register_close_callback(events)?;
@@ -281,20 +303,46 @@ unsafe extern "C" fn device_removed_callback(
     alias: *const c_char,
     opaque: *mut c_void,
 ) {
-    // SAFETY: libvirt passes a valid domain for the duration of the call.
-    let Some(domain) = (unsafe { domain_name(domain) }) else {
-        return;
-    };
+    // SAFETY: the domain and alias are libvirt's, valid for the duration of this call.
+    if let Some((domain, alias)) = unsafe { device_event(domain, alias) } {
+        // SAFETY: `opaque` is the sender registered with this callback.
+        let _ = unsafe { sender(opaque) }.send(Event::DomainDeviceRemoved { domain, alias });
+    }
+}
+
+unsafe extern "C" fn device_added_callback(
+    _connection: sys::virConnectPtr,
+    domain: sys::virDomainPtr,
+    alias: *const c_char,
+    opaque: *mut c_void,
+) {
+    // SAFETY: the domain and alias are libvirt's, valid for the duration of this call.
+    if let Some((domain, alias)) = unsafe { device_event(domain, alias) } {
+        // SAFETY: `opaque` is the sender registered with this callback.
+        let _ = unsafe { sender(opaque) }.send(Event::DomainDeviceAdded { domain, alias });
+    }
+}
+
+/// The domain's name and the device's alias of a device event, copied out.
+///
+/// # Safety
+/// `domain` must be a valid domain and `alias` null or a NUL-terminated string, both
+/// for the duration of the call: what libvirt passes to a device event callback.
+unsafe fn device_event(
+    domain: sys::virDomainPtr,
+    alias: *const c_char,
+) -> Option<(String, String)> {
+    // SAFETY: the caller passes libvirt's valid domain.
+    let domain = unsafe { domain_name(domain) }?;
     if alias.is_null() {
-        return;
+        return None;
     }
     // SAFETY: a non-null alias from libvirt is a NUL-terminated string valid during the
     // call; it is copied out.
     let alias = unsafe { CStr::from_ptr(alias) }
         .to_string_lossy()
         .into_owned();
-    // SAFETY: `opaque` is the sender registered with this callback.
-    let _ = unsafe { sender(opaque) }.send(Event::DomainDeviceRemoved { domain, alias });
+    Some((domain, alias))
 }
 
 unsafe extern "C" fn close_callback(
