@@ -15,6 +15,9 @@ pub struct LiveDomains {
     domains: Vec<DomainView>,
     /// Read the live XML again before the next plan.
     stale: bool,
+    /// Domains that started since the last read: taken as running with no hostdevs, so
+    /// that a device waiting for one goes in at once, and read once the loop has acted.
+    unverified: bool,
 }
 
 impl LiveDomains {
@@ -23,6 +26,7 @@ impl LiveDomains {
         LiveDomains {
             domains: Vec::new(),
             stale: true,
+            unverified: false,
         }
     }
 
@@ -39,6 +43,33 @@ impl LiveDomains {
     pub fn refreshed(&mut self, domains: Vec<DomainView>) {
         self.domains = domains;
         self.stale = false;
+        self.unverified = false;
+    }
+
+    /// A domain started. Its live XML holds what its definition names, which is almost
+    /// always no USB hostdev; the loop plans as if it held none, so that a plugged
+    /// device reaches it with one call, and reads the truth after acting. An attach the
+    /// definition makes impossible (the device already named there) fails, which makes
+    /// the picture stale at once.
+    pub fn domain_started(&mut self, domain: &str) {
+        if !self.domains.iter().any(|view| view.name == domain) {
+            self.domains.push(DomainView {
+                name: domain.to_string(),
+                hostdevs: Vec::new(),
+            });
+            self.domains.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        self.unverified = true;
+    }
+
+    /// A domain stopped: it runs no more and holds nothing.
+    pub fn domain_stopped(&mut self, domain: &str) {
+        self.domains.retain(|view| view.name != domain);
+    }
+
+    /// Whether a started domain's live XML is still to be read.
+    pub fn is_unverified(&self) -> bool {
+        self.unverified
     }
 
     pub fn domains(&self) -> &[DomainView] {
@@ -128,6 +159,22 @@ mod tests {
         );
         live.device_removed("win11", hostdev.alias.as_str());
         assert!(live.domains()[0].hostdevs.is_empty());
+        assert!(!live.is_stale());
+    }
+
+    #[test]
+    fn a_started_domain_is_planned_for_at_once_and_read_later() {
+        let mut live = LiveDomains::new();
+        live.refreshed(win11());
+        live.domain_started("fedora");
+        assert!(!live.is_stale());
+        assert!(live.is_unverified());
+        let names: Vec<&str> = live.domains().iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["fedora", "win11"]);
+        live.refreshed(win11());
+        assert!(!live.is_unverified());
+        live.domain_stopped("win11");
+        assert!(live.domains().is_empty());
         assert!(!live.is_stale());
     }
 

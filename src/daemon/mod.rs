@@ -27,7 +27,7 @@ use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::DaemonState;
 use crate::daemon::status::{LoopView, Status};
-use crate::event::Event;
+use crate::event::{DomainChange, Event};
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
 use crate::model::alias::HostdevAlias;
@@ -236,9 +236,13 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     );
                 }
             }
-            Event::Domain { domain, .. } => {
+            Event::Domain { domain, change } => {
                 self.retries.forget_domain(&domain);
-                self.live.invalidate();
+                match change {
+                    DomainChange::Started => self.live.domain_started(&domain),
+                    DomainChange::Stopped => self.live.domain_stopped(&domain),
+                    DomainChange::Other => self.live.invalidate(),
+                }
             }
             Event::DomainDeviceAdded { domain, alias } => {
                 self.live.device_added(&domain, &alias);
@@ -378,13 +382,18 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 .cloned()
                 .collect();
             self.status.saw(&domains, plan.placements);
-            if due.is_empty() {
+            if due.is_empty() && !self.live.is_unverified() {
                 self.connection.round_completed();
                 break;
             }
             if !self.carry_out(due) {
                 self.connection.round_lost_connection(self.clock.now());
                 break;
+            }
+            if self.live.is_unverified() {
+                // A domain started: now that what it waited for is on its way, read
+                // what its live XML really holds.
+                self.live.invalidate();
             }
             self.connection.round_completed();
         }

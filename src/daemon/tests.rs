@@ -598,3 +598,50 @@ fn no_attach_under_the_alias_of_a_detach_still_under_way() {
     drop(world);
     harness.stop().unwrap();
 }
+
+#[test]
+fn a_vm_that_starts_gets_its_device_before_anything_is_read() {
+    let harness = Harness::start(RULES, FakeWorld::with_domains(&[]), vec![receiver(5)]);
+    let before = harness.world.lock().calls.len();
+    harness.world.lock().start_domain("win11");
+    harness.send_and_settle(Event::Domain {
+        domain: "win11".into(),
+        change: DomainChange::Started,
+    });
+    let world = harness.world.lock();
+    // The attach first; the listing that checks what the new domain's XML holds after.
+    assert_eq!(
+        world.calls[before..],
+        [
+            Call::Attach {
+                domain: "win11".into(),
+                alias: "ua-usbpass-1-5-046d-c52b".into(),
+            },
+            Call::ListDomains,
+        ]
+    );
+    assert_eq!(world.aliases_in("win11"), ["ua-usbpass-1-5-046d-c52b"]);
+    drop(world);
+    // A vm that stops holds nothing: the device falls back without a listing.
+    harness.world.lock().start_domain("fedora");
+    harness.send_and_settle(Event::Domain {
+        domain: "fedora".into(),
+        change: DomainChange::Started,
+    });
+    let before = harness.world.lock().calls.len();
+    harness.world.lock().stop_domain("win11");
+    harness.send_and_settle(Event::Domain {
+        domain: "win11".into(),
+        change: DomainChange::Stopped,
+    });
+    let world = harness.world.lock();
+    assert_eq!(
+        world.calls[before..],
+        [Call::Attach {
+            domain: "fedora".into(),
+            alias: "ua-usbpass-1-5-046d-c52b".into(),
+        }]
+    );
+    drop(world);
+    harness.stop().unwrap();
+}
