@@ -1,10 +1,15 @@
 # tests/e2e/scenarios.py: the numbered list of end-to-end scenarios, shared by the
 # outer driver (tests/e2e/run, which prints one line per entry) and the inner one
 # (tests/e2e/in_vm.py, which runs them), so the two can never disagree on numbering.
+#
+# Scenarios marked optional are not in the default run (what CI runs, with no
+# variables): 14 and 15 are the flapping-device scenarios, which today's daemon is
+# expected to fail (the daemon rework fixes it). They run when USBPASS_E2E_FLAP=1 is set
+# or when USBPASS_E2E_ONLY lists them. Once the daemon passes them, drop `optional`.
 
 from collections import namedtuple
 
-Scenario = namedtuple("Scenario", "number name")
+Scenario = namedtuple("Scenario", "number name optional", defaults=(False,))
 
 SCENARIOS = [
     Scenario(1, "plug-by-id-reaches-running-vm"),
@@ -20,4 +25,6 @@ SCENARIOS = [
     Scenario(11, "unmatched-device-stays-on-host"),
     Scenario(12, "rules-edit-live-broken-edit-refused"),
     Scenario(13, "usbpass-qemu-wrapper-replug-without-daemon"),
+    Scenario(14, "flapping-10-plugs-1s-apart-each-attached-in-time", optional=True),
+    Scenario(15, "storm-40-irregular-plugs-ends-with-one-hostdev", optional=True),
 ]
