@@ -214,10 +214,15 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         match event {
             Event::DeviceAdded { device, received } => {
                 let address = device.address();
-                self.timing.device_event(address, received);
-                self.retries.forget_device(address);
-                if let Some(old) = self.devices.insert(device.syspath.clone(), device) {
-                    if old.address() != address {
+                let previous = self.devices.insert(device.syspath.clone(), device);
+                // A new plug is due at once. More words about the same plug (the
+                // kernel's `change` and `bind` after `add`) leave a failed attach on
+                // its retry schedule: resetting it on each would call libvirt again
+                // and again for a device that is still being set up.
+                if previous.as_ref().is_none_or(|old| old.address() != address) {
+                    self.timing.device_event(address, received);
+                    self.retries.forget_device(address);
+                    if let Some(old) = previous {
                         self.retries.forget_device(old.address());
                     }
                 }

@@ -141,7 +141,16 @@ pub fn spawn_monitor(events: Sender<Event>) -> Result<JoinHandle<()>, UsbError> 
             if ready_sender.send(Ok(())).is_err() {
                 return;
             }
-            let mut monitor = MonitorState { known, events };
+            // The hardware database is a file udevd only reads, so the names it gives
+            // need no udevd: hotplugged devices get them as enumerated ones do.
+            let hwdb = udev::Hwdb::new()
+                .map_err(|error| log::debug!("no udev hardware database: {error}"))
+                .ok();
+            let mut monitor = MonitorState {
+                known,
+                events,
+                hwdb,
+            };
             if let Err(error) = monitor.run(&socket) {
                 log::error!("{error}");
                 let _ = monitor.events.send(Event::SourceFailed {
@@ -192,6 +201,9 @@ struct MonitorState {
     /// removed while events were lost.
     known: BTreeMap<String, BusAddress>,
     events: Sender<Event>,
+    /// The hwdb names udev would add (`ID_VENDOR_FROM_DATABASE`, ...), which a
+    /// kernel event does not carry.
+    hwdb: Option<udev::Hwdb>,
 }
 
 impl MonitorState {
@@ -254,8 +266,16 @@ impl MonitorState {
                 if !is_usb_device(event) {
                     return Ok(());
                 }
-                match usb_device_from_udev(event) {
-                    Some(device) => {
+                let reading = std::time::Instant::now();
+                let read = usb_device_from_udev(event);
+                log::debug!(
+                    "read {syspath} for its {} event in {} us",
+                    event.event_type(),
+                    reading.elapsed().as_micros()
+                );
+                match read {
+                    Some(mut device) => {
+                        self.add_database_names(&mut device);
                         self.known.insert(device.syspath.clone(), device.address());
                         self.send(Event::DeviceAdded {
                             device,
@@ -284,6 +304,34 @@ impl MonitorState {
                 Ok(())
             }
         }
+    }
+
+    /// Fills in the vendor and model names of udev's hardware database, as udev's
+    /// `hwdb` builtin would for this device: the lookup key is its modalias,
+    /// `usb:vVVVVpPPPP:` and the product string.
+    fn add_database_names(&self, device: &mut UsbDevice) {
+        let Some(hwdb) = &self.hwdb else {
+            return;
+        };
+        if device.vendor_from_database.is_some() || device.model_from_database.is_some() {
+            return;
+        }
+        let modalias = format!(
+            "usb:v{:04X}p{:04X}:{}",
+            device.vendor_id,
+            device.product_id,
+            device.product.as_deref().unwrap_or("n/a")
+        );
+        if modalias.contains('\0') {
+            return;
+        }
+        let lookup = |name: &str| {
+            hwdb.query_one(modalias.as_str(), name)
+                .map(|value| value.to_string_lossy().into_owned())
+                .filter(|value| !value.is_empty())
+        };
+        device.vendor_from_database = lookup("ID_VENDOR_FROM_DATABASE");
+        device.model_from_database = lookup("ID_MODEL_FROM_DATABASE");
     }
 
     fn send(&self, event: Event) -> Result<(), ReceiverGone> {

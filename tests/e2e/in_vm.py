@@ -523,8 +523,12 @@ def start_domain(lv, name, attempts=3):
 
 def ensure_running(lv, *names):
     """Start whichever of these domains is not running (an earlier scenario may have
-    left one stopped)."""
+    left one stopped), defining it again if it is gone (scenario 13 rewrites libvirt's
+    configuration and restarts libvirtd, which forgets the guests)."""
+    defined = set(lv.call("list defined and running domains", lambda: [d.name() for d in lv.conn().listAllDomains(0)]))
     for name in names:
+        if name not in defined:
+            define_domain(lv, domain_xml(name), name)
         if not lv.is_active(name):
             start_domain(lv, name)
 
@@ -624,7 +628,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         log.write(f"---- e2e: daemon started at t={time.monotonic() - T_START:.1f}\n".encode())
         log.flush()
-        env = dict(os.environ, USBPASS_LOG="info")
+        env = dict(os.environ, USBPASS_LOG=CONFIG.get("daemon_log", "info"))
         self.process = subprocess.Popen(
             [self.binary, "--config", self.config, "--state", self.state, "daemon"],
             stdin=subprocess.DEVNULL,

@@ -59,6 +59,11 @@ const DEVICE_NOT_FOUND: &[&str] = &[
     // libvirt virDomainDetachDeviceAlias of an alias the domain does not have
     // (VIR_ERR_INTERNAL_ERROR, VIR_FROM_DOMAIN, seen here).
     "no device found with alias",
+    // libvirt setting up QEMU's private /dev for a device unplugged during the attach
+    // (seen in the test VM): "unable to stat: /dev/bus/usb/001/027: No such file or
+    // directory", and QEMU's "failed to open /dev/bus/usb/001/032: No such device".
+    "unable to stat: /dev/bus/usb/",
+    ": no such device",
 ];
 
 /// Messages that say another domain or program holds the device.
@@ -167,6 +172,19 @@ mod tests {
             sys::VIR_ERR_DEVICE_MISSING,
             sys::VIR_FROM_QEMU,
             "device not found: host usb device 001:005 not found",
+            FailureKind::DeviceNotFound,
+        ),
+        // seen in the test VM: a device unplugged while its attach was under way
+        (
+            sys::VIR_ERR_SYSTEM_ERROR,
+            sys::VIR_FROM_NONE,
+            "unable to stat: /dev/bus/usb/001/027: No such file or directory",
+            FailureKind::DeviceNotFound,
+        ),
+        (
+            sys::VIR_ERR_INTERNAL_ERROR,
+            sys::VIR_FROM_QEMU,
+            "internal error: unable to execute QEMU command 'device_add': failed to open /dev/bus/usb/001/032: No such device",
             FailureKind::DeviceNotFound,
         ),
         (
