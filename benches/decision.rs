@@ -32,6 +32,7 @@ fn device(devnum: u16) -> UsbDevice {
         product: Some("USB Receiver".into()),
         vendor_from_database: None,
         model_from_database: None,
+        strings_pending: false,
     }
 }
 

@@ -34,6 +34,7 @@ fn device(index: usize) -> UsbDevice {
         product: Some(format!("Device {index}")),
         vendor_from_database: None,
         model_from_database: None,
+        strings_pending: false,
     }
 }
 

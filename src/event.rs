@@ -22,6 +22,15 @@ pub enum Event {
         device: UsbDevice,
         received: Instant,
     },
+    /// The strings of a device that `DeviceAdded` announced with `strings_pending`, read
+    /// once the kernel let go of the device. Only for the instance at `address`.
+    DeviceDescribed {
+        syspath: String,
+        address: BusAddress,
+        serial: Option<String>,
+        manufacturer: Option<String>,
+        product: Option<String>,
+    },
     /// The kernel's `remove` of a `usb_device`. sysfs is gone by now; the event names
     /// the path and the instance that left (bus and device number, from its `BUSNUM`
     /// and `DEVNUM`). A removal removes only that instance: a newer plug on the same

@@ -5,7 +5,7 @@
 use crate::hypervisor::{DomainView, UsbHostdev};
 use crate::model::alias::{HostdevAlias, Ownership};
 use crate::model::{BusAddress, UsbDevice, UsbId};
-use crate::rules::Config;
+use crate::rules::{Config, RuleChoice};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -130,19 +130,26 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
         devices.iter().map(|d| (d.address(), d)).collect();
     let running: HashSet<&str> = domains.iter().map(|d| d.name.as_str()).collect();
 
-    // What the rules want, per present device.
-    let wanted: HashMap<BusAddress, (&str, Option<&str>)> = devices
-        .iter()
-        .filter_map(|device| {
-            let rule = config.first_match(device)?;
-            let vm = rule
-                .vms
-                .iter()
-                .map(String::as_str)
-                .find(|vm| running.contains(vm));
-            Some((device.address(), (rule.name.as_str(), vm)))
-        })
-        .collect();
+    // What the rules want, per present device; and the devices the rules cannot
+    // decide yet (strings still being read), which stay exactly as they are.
+    let mut wanted: HashMap<BusAddress, (&str, Option<&str>)> = HashMap::new();
+    let mut undecided: HashSet<BusAddress> = HashSet::new();
+    for device in devices {
+        match config.decide(device) {
+            RuleChoice::Rule(rule) => {
+                let vm = rule
+                    .vms
+                    .iter()
+                    .map(String::as_str)
+                    .find(|vm| running.contains(vm));
+                wanted.insert(device.address(), (rule.name.as_str(), vm));
+            }
+            RuleChoice::NoRule => {}
+            RuleChoice::Undecided => {
+                undecided.insert(device.address());
+            }
+        }
+    }
 
     let mut holders: HashMap<BusAddress, Vec<Holder>> = HashMap::new();
     let mut detaches = Vec::new();
@@ -178,8 +185,9 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
                 detaches.push(detach(DetachReason::DeviceGone));
                 continue;
             };
-            if ownership == Ownership::Manual {
-                // Hand-placed: stays until its device goes away.
+            if ownership == Ownership::Manual || undecided.contains(&device.address()) {
+                // Hand-placed: stays until its device goes away. Undecided: stays until
+                // the rules can say.
                 continue;
             }
             match wanted.get(&device.address()) {

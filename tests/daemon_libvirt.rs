@@ -36,6 +36,7 @@ fn keyboard() -> UsbDevice {
         product: Some("QEMU USB Keyboard".into()),
         vendor_from_database: None,
         model_from_database: None,
+        strings_pending: false,
     }
 }
 

@@ -113,6 +113,7 @@ fn expected_devices() -> Vec<UsbDevice> {
         product: text("FT232R USB UART"),
         vendor_from_database: text("Future Technology Devices International, Ltd"),
         model_from_database: text("FT232 Serial (UART) IC"),
+        strings_pending: false,
     };
     vec![
         UsbDevice {
@@ -130,6 +131,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("xHCI Host Controller"),
             vendor_from_database: text("Linux Foundation"),
             model_from_database: text("2.0 root hub"),
+            strings_pending: false,
         },
         UsbDevice {
             syspath: format!("{xhci}/usb1/1-2"),
@@ -146,6 +148,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("USB2.1 Hub"),
             vendor_from_database: text("Genesys Logic, Inc."),
             model_from_database: text("Hub"),
+            strings_pending: false,
         },
         // No ID_USB_INTERFACES: the classes come from the interface children.
         UsbDevice {
@@ -163,6 +166,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("Dell KB216 Wired Keyboard"),
             vendor_from_database: text("Dell Computer Corp."),
             model_from_database: text("KB216 Wired Keyboard"),
+            strings_pending: false,
         },
         ftdi(4, "1-2.1", "A10KZP4Q"),
         ftdi(5, "1-2.2", "A10KZP4R"),
@@ -181,6 +185,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("USB Receiver"),
             vendor_from_database: text("Logitech, Inc."),
             model_from_database: text("Unifying Receiver"),
+            strings_pending: false,
         },
         // The raw sysfs serial, not udev's sanitised ID_SERIAL_SHORT=ST_______1.
         UsbDevice {
@@ -198,6 +203,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("<Evil> & 'Co' \"Port\""),
             vendor_from_database: text("STMicroelectronics"),
             model_from_database: text("Virtual COM Port"),
+            strings_pending: false,
         },
         // No udev properties beyond the kernel's, no hwdb names, interfaces from sysfs.
         UsbDevice {
@@ -215,6 +221,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("EHCI Host Controller"),
             vendor_from_database: None,
             model_from_database: None,
+            strings_pending: false,
         },
         UsbDevice {
             syspath: format!("{ehci}/usb2/2-1"),
@@ -231,6 +238,7 @@ fn expected_devices() -> Vec<UsbDevice> {
             product: text("USB Serial"),
             vendor_from_database: text("QinHeng Electronics"),
             model_from_database: text("CH340 serial converter"),
+            strings_pending: false,
         },
     ]
 }
@@ -448,6 +456,18 @@ fn added(device: UsbDevice) -> Event {
     }
 }
 
+/// A device as the hotplug monitor announces it: from its uevent, before its strings
+/// are read (the daemon already has them for a plug it enumerated).
+fn announced(device: UsbDevice) -> UsbDevice {
+    UsbDevice {
+        serial: None,
+        manufacturer: None,
+        product: None,
+        strings_pending: true,
+        ..device
+    }
+}
+
 #[test]
 #[ignore = "runs under umockdev-wrapper, started by monitor_turns_uevents_into_events"]
 fn inner_monitor_turns_uevents_into_events() {
@@ -470,7 +490,7 @@ fn inner_monitor_turns_uevents_into_events() {
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.3"), "add");
     assert_eq!(
         next_event(&events, "add of the receiver"),
-        added(by_port("1-2.3"))
+        added(announced(by_port("1-2.3")))
     );
 
     // Interfaces, the controller, unbind and a device without identity are not
@@ -482,20 +502,20 @@ fn inner_monitor_turns_uevents_into_events() {
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.2"), "bind");
     assert_eq!(
         next_event(&events, "bind of the second serial adapter"),
-        added(by_port("1-2.2"))
+        added(announced(by_port("1-2.2")))
     );
 
     // The keyboard has no ID_USB_INTERFACES: the monitor reads its interface children too.
     testbed.uevent(&format!("{xhci}/usb1/1-1"), "change");
     assert_eq!(
         next_event(&events, "change of the keyboard"),
-        added(by_port("1-1"))
+        added(announced(by_port("1-1")))
     );
 
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.4"), "add");
     assert_eq!(
         next_event(&events, "add of the hostile device"),
-        added(by_port("1-2.4"))
+        added(announced(by_port("1-2.4")))
     );
 
     // umockdev 0.17 (Debian 12) sends no uevent from remove_device, 0.18.4 and later do:

@@ -212,8 +212,24 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn handle(&mut self, event: Event) -> Result<bool, DaemonError> {
         log::debug!("event {event:?}");
         match event {
-            Event::DeviceAdded { device, received } => {
+            Event::DeviceAdded {
+                mut device,
+                received,
+            } => {
                 let address = device.address();
+                // A later word about a plug whose strings are known keeps them.
+                if let Some(known) = self
+                    .devices
+                    .get(&device.syspath)
+                    .filter(|known| known.address() == address && !known.strings_pending)
+                {
+                    if device.strings_pending {
+                        device.serial = known.serial.clone();
+                        device.manufacturer = known.manufacturer.clone();
+                        device.product = known.product.clone();
+                        device.strings_pending = false;
+                    }
+                }
                 let previous = self.devices.insert(device.syspath.clone(), device);
                 // A new plug is due at once. More words about the same plug (the
                 // kernel's `change` and `bind` after `add`) leave a failed attach on
@@ -225,6 +241,24 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     if let Some(old) = previous {
                         self.retries.forget_device(old.address());
                     }
+                }
+            }
+            Event::DeviceDescribed {
+                syspath,
+                address,
+                serial,
+                manufacturer,
+                product,
+            } => {
+                if let Some(device) = self
+                    .devices
+                    .get_mut(&syspath)
+                    .filter(|device| device.address() == address)
+                {
+                    device.serial = serial;
+                    device.manufacturer = manufacturer;
+                    device.product = product;
+                    device.strings_pending = false;
                 }
             }
             Event::DeviceRemoved { syspath, address } => {

@@ -645,3 +645,46 @@ fn a_vm_that_starts_gets_its_device_before_anything_is_read() {
     drop(world);
     harness.stop().unwrap();
 }
+
+#[test]
+fn a_plug_whose_serial_a_rule_needs_waits_for_its_strings_and_keeps_them() {
+    const SERIAL_RULES: &str = r#"
+[[rule]]
+name = "stick-a"
+id = "0403:6001"
+serial = "A"
+vm = "win11"
+"#;
+    let harness = Harness::start(SERIAL_RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+    let mut stick = device(1, 9, 0x0403, 0x6001, "1-3");
+    stick.strings_pending = true;
+    harness.send_and_settle(Event::DeviceAdded {
+        device: stick.clone(),
+        received: Instant::now(),
+    });
+    assert!(harness.world.lock().attaches().is_empty());
+    harness.send_and_settle(Event::DeviceDescribed {
+        syspath: stick.syspath.clone(),
+        address: stick.address(),
+        serial: Some("A".into()),
+        manufacturer: None,
+        product: None,
+    });
+    assert_eq!(
+        harness.world.lock().aliases_in("win11"),
+        ["ua-usbpass-1-9-0403-6001"]
+    );
+    // The kernel's `bind` of the same plug, announced without strings again: the
+    // strings read before still count, so nothing moves.
+    let calls = harness.world.lock().calls.len();
+    harness.send_and_settle(Event::DeviceAdded {
+        device: stick,
+        received: Instant::now(),
+    });
+    assert_eq!(harness.world.lock().calls.len(), calls);
+    assert_eq!(
+        harness.state().devices[0].device.serial.as_deref(),
+        Some("A")
+    );
+    harness.stop().unwrap();
+}

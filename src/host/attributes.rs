@@ -117,6 +117,82 @@ pub(super) fn usb_device_from_attributes(
         product: text(device.attribute("product")),
         vendor_from_database: text(device.property("ID_VENDOR_FROM_DATABASE")),
         model_from_database: text(device.property("ID_MODEL_FROM_DATABASE")),
+        strings_pending: false,
+    })
+}
+
+/// A device as its own uevent names it, for the hotplug monitor: the identity from
+/// the event's properties (`PRODUCT`, `BUSNUM`, `DEVNUM`, `TYPE`: this plug, even when
+/// sysfs already holds the next one on the same port), sysfs only where the event is
+/// silent, and no string read at all. Reading `serial`, `manufacturer` or `product`
+/// waits for the device's lock, which the kernel holds while it configures the device
+/// and while it tears it down; the strings follow (`strings_pending`). Errs like
+/// `usb_device_from_attributes`, and on device number 0, which the kernel reports
+/// while it resets a device (when QEMU claims it), not for a plug.
+pub(super) fn usb_device_from_event(
+    device: &dyn DeviceAttributes,
+) -> Result<UsbDevice, &'static str> {
+    let product_triple = device.property("PRODUCT");
+    let product_part = |index: usize| -> Option<u16> {
+        let text = product_triple.as_deref()?.to_str()?;
+        parse_hex_u16(OsStr::new(text.split('/').nth(index)?))
+    };
+    let number = |property: &str, attribute: &str| {
+        device
+            .property(property)
+            .and_then(|value| parse_decimal_u16(&value))
+            .or_else(|| {
+                device
+                    .attribute(attribute)
+                    .and_then(|value| parse_decimal_u16(&value))
+            })
+    };
+    let hex = |index: usize, attribute: &str| {
+        product_part(index).or_else(|| {
+            device
+                .attribute(attribute)
+                .and_then(|value| parse_hex_u16(&value))
+        })
+    };
+    let vendor_id = hex(0, "idVendor").ok_or("vendor id")?;
+    let product_id = hex(1, "idProduct").ok_or("product id")?;
+    let bus = number("BUSNUM", "busnum").ok_or("bus number")?;
+    let devnum = number("DEVNUM", "devnum")
+        .filter(|devnum| *devnum != 0)
+        .ok_or("device number")?;
+    let device_class = device
+        .property("TYPE")
+        .and_then(|kind| kind.to_str()?.split('/').next()?.parse().ok())
+        .or_else(|| {
+            device
+                .attribute("bDeviceClass")
+                .and_then(|value| parse_hex_u8(&value))
+        })
+        .ok_or("device class")?;
+    let interface_classes = match device
+        .property("ID_USB_INTERFACES")
+        .and_then(|value| parse_usb_interfaces(&value))
+    {
+        Some(classes) => classes,
+        None => device.interface_children(),
+    };
+    let text = |value: Option<OsString>| value.and_then(|value| lossy_text(&value));
+    Ok(UsbDevice {
+        syspath: device.syspath(),
+        bus,
+        devnum,
+        vendor_id,
+        product_id,
+        serial: None,
+        port_path: device.sysname(),
+        parent_hub: device.parent_hub(),
+        device_class,
+        interface_classes,
+        manufacturer: None,
+        product: None,
+        vendor_from_database: text(device.property("ID_VENDOR_FROM_DATABASE")),
+        model_from_database: text(device.property("ID_MODEL_FROM_DATABASE")),
+        strings_pending: true,
     })
 }
 
@@ -134,7 +210,7 @@ pub(super) fn interface_class_from(
 }
 
 /// USB strings are bytes: decode lossily, and treat an empty string as absent.
-fn lossy_text(value: &OsStr) -> Option<String> {
+pub(super) fn lossy_text(value: &OsStr) -> Option<String> {
     if value.is_empty() {
         None
     } else {
@@ -280,6 +356,7 @@ mod tests {
                 product: None,
                 vendor_from_database: None,
                 model_from_database: None,
+                strings_pending: false,
             }
         );
     }

@@ -9,7 +9,8 @@
 
 use crate::event::Event;
 use crate::host::attributes::{
-    interface_class_from, parse_decimal_u16, usb_device_from_attributes, DeviceAttributes,
+    interface_class_from, lossy_text, parse_decimal_u16, usb_device_from_attributes,
+    usb_device_from_event, DeviceAttributes,
 };
 use crate::host::{DeviceSource, HostError};
 use crate::model::{BusAddress, InterfaceClass, UsbDevice};
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::thread::{self, JoinHandle};
@@ -147,9 +149,11 @@ pub fn spawn_monitor(events: Sender<Event>) -> Result<JoinHandle<()>, UsbError> 
                 .map_err(|error| log::debug!("no udev hardware database: {error}"))
                 .ok();
             let mut monitor = MonitorState {
+                described: known.clone(),
                 known,
                 events,
                 hwdb,
+                to_describe: BTreeMap::new(),
             };
             if let Err(error) = monitor.run(&socket) {
                 log::error!("{error}");
@@ -200,6 +204,10 @@ struct MonitorState {
     /// The devices present as far as this thread knows, by sysfs path, to tell what was
     /// removed while events were lost.
     known: BTreeMap<String, BusAddress>,
+    /// The plugs whose strings were read (enumerated ones included), by sysfs path.
+    described: BTreeMap<String, BusAddress>,
+    /// Plugs announced without their strings, to read once the socket is drained.
+    to_describe: BTreeMap<String, BusAddress>,
     events: Sender<Event>,
     /// The hwdb names udev would add (`ID_VENDOR_FROM_DATABASE`, ...), which a
     /// kernel event does not carry.
@@ -236,7 +244,14 @@ impl MonitorState {
                         // libudev returns NULL with errno set: EAGAIN when drained.
                         let error = io::Error::last_os_error();
                         match error.raw_os_error() {
-                            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => break,
+                            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => {
+                                // Every queued event is forwarded: now the reads that
+                                // may wait for a device's lock.
+                                if self.describe_waiting().is_err() {
+                                    return Stop::ReceiverGone;
+                                }
+                                break;
+                            }
                             Some(libc::ENOBUFS) => {
                                 consecutive_errors = 0;
                                 log::warn!("usb uevents were lost (socket buffer full); rescanning usb devices");
@@ -266,17 +281,14 @@ impl MonitorState {
                 if !is_usb_device(event) {
                     return Ok(());
                 }
-                let reading = std::time::Instant::now();
-                let read = usb_device_from_udev(event);
-                log::debug!(
-                    "read {syspath} for its {} event in {} us",
-                    event.event_type(),
-                    reading.elapsed().as_micros()
-                );
-                match read {
+                match usb_device_from_kernel_event(event) {
                     Some(mut device) => {
                         self.add_database_names(&mut device);
-                        self.known.insert(device.syspath.clone(), device.address());
+                        let address = device.address();
+                        self.known.insert(device.syspath.clone(), address);
+                        if self.described.get(&device.syspath) != Some(&address) {
+                            self.to_describe.insert(device.syspath.clone(), address);
+                        }
                         self.send(Event::DeviceAdded {
                             device,
                             received: std::time::Instant::now(),
@@ -290,6 +302,8 @@ impl MonitorState {
                     return Ok(());
                 }
                 let known = self.known.remove(&syspath);
+                self.described.remove(&syspath);
+                self.to_describe.remove(&syspath);
                 // The instance that left, as the event names it: by now sysfs may hold
                 // the next plug on the same port.
                 let number = |name: &str| event.property_value(name).and_then(parse_decimal_u16);
@@ -304,6 +318,41 @@ impl MonitorState {
                 Ok(())
             }
         }
+    }
+
+    /// Reads the strings of the plugs announced without them, and sends each as
+    /// `DeviceDescribed` if the plug is still the one at its path. A read waits while
+    /// the kernel holds the device (configuring it, or tearing it down after an unplug).
+    fn describe_waiting(&mut self) -> Result<(), ReceiverGone> {
+        for (syspath, address) in std::mem::take(&mut self.to_describe) {
+            let still_there = || sysfs_address(&syspath) == Some(address);
+            if !still_there() {
+                continue;
+            }
+            let text = |name: &str| {
+                std::fs::read(Path::new(&syspath).join(name))
+                    .ok()
+                    .and_then(|bytes| {
+                        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
+                        lossy_text(&OsString::from_vec(bytes))
+                    })
+            };
+            let (serial, manufacturer, product) =
+                (text("serial"), text("manufacturer"), text("product"));
+            // The reads may have waited through an unplug and the next plug.
+            if !still_there() {
+                continue;
+            }
+            self.described.insert(syspath.clone(), address);
+            self.send(Event::DeviceDescribed {
+                syspath,
+                address,
+                serial,
+                manufacturer,
+                product,
+            })?;
+        }
+        Ok(())
     }
 
     /// Fills in the vendor and model names of udev's hardware database, as udev's
@@ -363,6 +412,8 @@ impl MonitorState {
                 received: std::time::Instant::now(),
             })?;
         }
+        self.described = present_now.clone();
+        self.to_describe.clear();
         self.known = present_now;
         Ok(())
     }
@@ -457,6 +508,35 @@ impl DeviceAttributes for udev::Device {
             Vec::new()
         })
     }
+}
+
+/// A device from its kernel uevent, without waiting for its strings
+/// (`usb_device_from_event`).
+fn usb_device_from_kernel_event(device: &udev::Device) -> Option<UsbDevice> {
+    match usb_device_from_event(device) {
+        Ok(usb_device) => Some(usb_device),
+        Err(missing) => {
+            log::debug!(
+                "skipping a uevent of usb device {}: no {missing}",
+                device.syspath().display()
+            );
+            None
+        }
+    }
+}
+
+/// The bus and device number at a sysfs path now. These attributes never wait.
+fn sysfs_address(syspath: &str) -> Option<BusAddress> {
+    let number = |name: &str| {
+        let bytes = std::fs::read(Path::new(syspath).join(name)).ok()?;
+        parse_decimal_u16(OsStr::from_bytes(
+            bytes.strip_suffix(b"\n").unwrap_or(&bytes),
+        ))
+    };
+    Some(BusAddress {
+        bus: number("busnum")?,
+        device: number("devnum")?,
+    })
 }
 
 fn usb_device_from_udev(device: &udev::Device) -> Option<UsbDevice> {

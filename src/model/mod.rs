@@ -42,6 +42,13 @@ pub struct UsbDevice {
     /// udev hwdb names (`ID_VENDOR_FROM_DATABASE`, `ID_MODEL_FROM_DATABASE`), as lsusb shows them.
     pub vendor_from_database: Option<String>,
     pub model_from_database: Option<String>,
+    /// The device's strings (`serial`, `manufacturer`, `product`) are not read yet. The
+    /// kernel holds a device's lock while it sets it up, and reading a string waits for
+    /// that; a hotplugged device is known from its uevent at once and its strings
+    /// follow. Until then a rule that needs the serial can neither match it nor be
+    /// passed over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strings_pending: bool,
 }
 
 impl UsbDevice {

@@ -366,3 +366,26 @@ fn placements_report_rule_target_and_holders() {
     assert_eq!(plan.placements[1].rule, None);
     assert!(plan.placements[1].holders.is_empty());
 }
+
+#[test]
+fn a_device_whose_strings_are_not_read_yet_is_left_as_it_is() {
+    let config = config(RULES);
+    // stick-a (serial A) goes to lab; before its serial is read no rule can be chosen.
+    let mut pending = stick(9, "A", "1-3");
+    pending.serial = None;
+    pending.strings_pending = true;
+    let domains = [vm("lab", vec![owned(&pending)]), vm("fedora", vec![])];
+    let plan = plan(&config, std::slice::from_ref(&pending), &domains);
+    assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+    assert_eq!(plan.placements[0].rule, None);
+    // Nor is it attached anywhere while undecided.
+    let domains = [vm("lab", vec![]), vm("fedora", vec![])];
+    assert!(reconcile(&config, &[pending.clone()], &domains).is_empty());
+    // Once read, the rule decides.
+    pending.serial = Some("A".into());
+    pending.strings_pending = false;
+    assert_eq!(
+        summary(&reconcile(&config, &[pending], &domains)),
+        ["attach ua-usbpass-1-9-0403-6001 to lab by stick-a"]
+    );
+}

@@ -147,6 +147,23 @@ impl Matcher {
     }
 }
 
+impl Matcher {
+    /// Whether this matcher reads the device's strings, which a hotplugged device may
+    /// not have yet (`UsbDevice::strings_pending`).
+    pub fn needs_strings(&self) -> bool {
+        self.serial.is_some()
+    }
+
+    /// Whether it matches on everything but the strings.
+    fn matches_without_strings(&self, device: &UsbDevice) -> bool {
+        Matcher {
+            serial: None,
+            ..self.clone()
+        }
+        .matches(device)
+    }
+}
+
 /// `hub` is a kernel name: a port path (`1-2`) or a root hub (`usb1`).
 fn is_below_hub(device: &UsbDevice, hub: &str) -> bool {
     if let Some(bus) = hub.strip_prefix("usb") {
@@ -178,6 +195,15 @@ impl Rule {
     }
 }
 
+/// What the rules say about one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleChoice<'a> {
+    Rule(&'a Rule),
+    NoRule,
+    /// Its strings are not read yet and a rule that needs them could still match.
+    Undecided,
+}
+
 /// A parsed, validated rules file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -198,6 +224,24 @@ impl Config {
     /// The first rule that matches, as in USBGuard: order in the file is priority.
     pub fn first_match(&self, device: &UsbDevice) -> Option<&Rule> {
         self.rules.iter().find(|rule| rule.matches(device))
+    }
+
+    /// `first_match` for a device whose strings may not be read yet: the first rule
+    /// that matches, unless a rule before it could match once the strings are known.
+    pub fn decide(&self, device: &UsbDevice) -> RuleChoice<'_> {
+        for rule in &self.rules {
+            if device.strings_pending
+                && rule.matcher.needs_strings()
+                && !device.is_hub()
+                && rule.matcher.matches_without_strings(device)
+            {
+                return RuleChoice::Undecided;
+            }
+            if rule.matches(device) {
+                return RuleChoice::Rule(rule);
+            }
+        }
+        RuleChoice::NoRule
     }
 
     /// A config with these rules and no file, for tests and benchmarks.
@@ -263,6 +307,35 @@ mod tests {
             rule("class = \"08\"").matches(&storage),
             "device-level class"
         );
+    }
+
+    #[test]
+    fn a_device_without_its_strings_waits_for_a_rule_that_needs_them() {
+        let config = parse(
+            "[[rule]]\nname = \"stick-a\"\nid = \"0403:6001\"\nserial = \"A\"\nvm = \"lab\"\n\n\
+             [[rule]]\nname = \"any-stick\"\nid = \"0403:6001\"\nvm = \"fedora\"\n\n\
+             [[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"win11\"\n",
+        )
+        .unwrap();
+        let mut stick = device(1, 5, 0x0403, 0x6001, "1-2");
+        stick.strings_pending = true;
+        assert_eq!(config.decide(&stick), RuleChoice::Undecided);
+        stick.strings_pending = false;
+        stick.serial = Some("A".into());
+        assert!(matches!(config.decide(&stick), RuleChoice::Rule(rule) if rule.name == "stick-a"));
+        stick.serial = Some("B".into());
+        assert!(
+            matches!(config.decide(&stick), RuleChoice::Rule(rule) if rule.name == "any-stick")
+        );
+        // A rule that needs no strings decides at once.
+        let mut receiver = device(1, 6, 0x046d, 0xc52b, "1-3");
+        receiver.strings_pending = true;
+        assert!(
+            matches!(config.decide(&receiver), RuleChoice::Rule(rule) if rule.name == "receiver")
+        );
+        let mut other = device(1, 7, 0x1234, 0x5678, "1-4");
+        other.strings_pending = true;
+        assert_eq!(config.decide(&other), RuleChoice::NoRule);
     }
 
     #[test]

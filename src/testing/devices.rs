@@ -21,5 +21,6 @@ pub fn device(bus: u16, devnum: u16, vendor_id: u16, product_id: u16, port: &str
         product: None,
         vendor_from_database: None,
         model_from_database: None,
+        strings_pending: false,
     }
 }
