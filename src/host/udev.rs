@@ -118,6 +118,22 @@ fn is_usb_device(device: &udev::Device) -> bool {
 /// the node after an attach; see docs/usbpass-qemu.md for the udev rules that keep
 /// QEMU's access.
 pub fn spawn_monitor(events: Sender<Event>) -> Result<JoinHandle<()>, UsbError> {
+    // The reads that wait for a device's lock run on a thread of their own, so that the
+    // monitor forwards every uevent (a `remove` above all) the moment it comes.
+    let (describer, describe_requests) = mpsc::channel::<(String, BusAddress)>();
+    let described_events = events.clone();
+    thread::Builder::new()
+        .name("usbpass-describe".to_string())
+        .spawn(move || {
+            for (syspath, address) in describe_requests {
+                if let Some(event) = describe(syspath, address) {
+                    if described_events.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|source| UsbError::SpawnMonitorThread { source })?;
     // udev's handles are not Send, so the monitor is opened on the thread that uses it,
     // and the outcome of opening it comes back over this channel.
     let (ready_sender, ready_receiver) = mpsc::sync_channel::<Result<(), io::Error>>(1);
@@ -153,7 +169,7 @@ pub fn spawn_monitor(events: Sender<Event>) -> Result<JoinHandle<()>, UsbError> 
                 known,
                 events,
                 hwdb,
-                to_describe: BTreeMap::new(),
+                describer,
             };
             if let Err(error) = monitor.run(&socket) {
                 log::error!("{error}");
@@ -206,8 +222,8 @@ struct MonitorState {
     known: BTreeMap<String, BusAddress>,
     /// The plugs whose strings were read (enumerated ones included), by sysfs path.
     described: BTreeMap<String, BusAddress>,
-    /// Plugs announced without their strings, to read once the socket is drained.
-    to_describe: BTreeMap<String, BusAddress>,
+    /// Asks the describing thread to read a plug's strings.
+    describer: Sender<(String, BusAddress)>,
     events: Sender<Event>,
     /// The hwdb names udev would add (`ID_VENDOR_FROM_DATABASE`, ...), which a
     /// kernel event does not carry.
@@ -244,14 +260,7 @@ impl MonitorState {
                         // libudev returns NULL with errno set: EAGAIN when drained.
                         let error = io::Error::last_os_error();
                         match error.raw_os_error() {
-                            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => {
-                                // Every queued event is forwarded: now the reads that
-                                // may wait for a device's lock.
-                                if self.describe_waiting().is_err() {
-                                    return Stop::ReceiverGone;
-                                }
-                                break;
-                            }
+                            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => break,
                             Some(libc::ENOBUFS) => {
                                 consecutive_errors = 0;
                                 log::warn!("usb uevents were lost (socket buffer full); rescanning usb devices");
@@ -287,7 +296,9 @@ impl MonitorState {
                         let address = device.address();
                         self.known.insert(device.syspath.clone(), address);
                         if self.described.get(&device.syspath) != Some(&address) {
-                            self.to_describe.insert(device.syspath.clone(), address);
+                            self.described.insert(device.syspath.clone(), address);
+                            // A describing thread that is gone only costs the strings.
+                            let _ = self.describer.send((device.syspath.clone(), address));
                         }
                         self.send(Event::DeviceAdded {
                             device,
@@ -303,7 +314,6 @@ impl MonitorState {
                 }
                 let known = self.known.remove(&syspath);
                 self.described.remove(&syspath);
-                self.to_describe.remove(&syspath);
                 // The instance that left, as the event names it: by now sysfs may hold
                 // the next plug on the same port.
                 let number = |name: &str| event.property_value(name).and_then(parse_decimal_u16);
@@ -318,41 +328,6 @@ impl MonitorState {
                 Ok(())
             }
         }
-    }
-
-    /// Reads the strings of the plugs announced without them, and sends each as
-    /// `DeviceDescribed` if the plug is still the one at its path. A read waits while
-    /// the kernel holds the device (configuring it, or tearing it down after an unplug).
-    fn describe_waiting(&mut self) -> Result<(), ReceiverGone> {
-        for (syspath, address) in std::mem::take(&mut self.to_describe) {
-            let still_there = || sysfs_address(&syspath) == Some(address);
-            if !still_there() {
-                continue;
-            }
-            let text = |name: &str| {
-                std::fs::read(Path::new(&syspath).join(name))
-                    .ok()
-                    .and_then(|bytes| {
-                        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
-                        lossy_text(&OsString::from_vec(bytes))
-                    })
-            };
-            let (serial, manufacturer, product) =
-                (text("serial"), text("manufacturer"), text("product"));
-            // The reads may have waited through an unplug and the next plug.
-            if !still_there() {
-                continue;
-            }
-            self.described.insert(syspath.clone(), address);
-            self.send(Event::DeviceDescribed {
-                syspath,
-                address,
-                serial,
-                manufacturer,
-                product,
-            })?;
-        }
-        Ok(())
     }
 
     /// Fills in the vendor and model names of udev's hardware database, as udev's
@@ -413,7 +388,6 @@ impl MonitorState {
             })?;
         }
         self.described = present_now.clone();
-        self.to_describe.clear();
         self.known = present_now;
         Ok(())
     }
@@ -523,6 +497,33 @@ fn usb_device_from_kernel_event(device: &udev::Device) -> Option<UsbDevice> {
             None
         }
     }
+}
+
+/// Reads the strings of a plug announced without them: `DeviceDescribed`, if the plug
+/// is still the one at its path before and after the reads. A read waits while the
+/// kernel holds the device (configuring it, or tearing it down after an unplug).
+fn describe(syspath: String, address: BusAddress) -> Option<Event> {
+    let still_there = || sysfs_address(&syspath) == Some(address);
+    if !still_there() {
+        return None;
+    }
+    let text = |name: &str| {
+        let bytes = std::fs::read(Path::new(&syspath).join(name)).ok()?;
+        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
+        lossy_text(&OsString::from_vec(bytes))
+    };
+    let (serial, manufacturer, product) = (text("serial"), text("manufacturer"), text("product"));
+    // The reads may have waited through an unplug and the next plug.
+    if !still_there() {
+        return None;
+    }
+    Some(Event::DeviceDescribed {
+        syspath,
+        address,
+        serial,
+        manufacturer,
+        product,
+    })
 }
 
 /// The bus and device number at a sysfs path now. These attributes never wait.
