@@ -294,16 +294,20 @@ impl MonitorState {
                     Some(mut device) => {
                         self.add_database_names(&mut device);
                         let address = device.address();
-                        self.known.insert(device.syspath.clone(), address);
-                        if self.described.get(&device.syspath) != Some(&address) {
-                            self.described.insert(device.syspath.clone(), address);
-                            // A describing thread that is gone only costs the strings.
-                            let _ = self.describer.send((device.syspath.clone(), address));
-                        }
+                        let syspath = device.syspath.clone();
+                        self.known.insert(syspath.clone(), address);
                         self.send(Event::DeviceAdded {
                             device,
                             received: std::time::Instant::now(),
-                        })
+                        })?;
+                        // Only after the plug is announced: its strings must not reach
+                        // the daemon before the plug they belong to.
+                        if self.described.get(&syspath) != Some(&address) {
+                            self.described.insert(syspath.clone(), address);
+                            // A describing thread that is gone only costs the strings.
+                            let _ = self.describer.send((syspath, address));
+                        }
+                        Ok(())
                     }
                     None => Ok(()),
                 }
