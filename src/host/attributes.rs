@@ -38,87 +38,7 @@ pub(super) trait DeviceAttributes {
 pub(super) fn usb_device_from_attributes(
     device: &dyn DeviceAttributes,
 ) -> Result<UsbDevice, &'static str> {
-    let product_triple = device.property("PRODUCT");
-    let product_part = |index: usize| -> Option<u16> {
-        let text = product_triple.as_deref()?.to_str()?;
-        parse_hex_u16(OsStr::new(text.split('/').nth(index)?))
-    };
-    let vendor_id = device
-        .attribute("idVendor")
-        .and_then(|value| parse_hex_u16(&value))
-        .or_else(|| {
-            device
-                .property("ID_VENDOR_ID")
-                .and_then(|v| parse_hex_u16(&v))
-        })
-        .or_else(|| product_part(0))
-        .ok_or("vendor id")?;
-    let product_id = device
-        .attribute("idProduct")
-        .and_then(|value| parse_hex_u16(&value))
-        .or_else(|| {
-            device
-                .property("ID_MODEL_ID")
-                .and_then(|v| parse_hex_u16(&v))
-        })
-        .or_else(|| product_part(1))
-        .ok_or("product id")?;
-    let bus = device
-        .attribute("busnum")
-        .and_then(|value| parse_decimal_u16(&value))
-        .or_else(|| {
-            device
-                .property("BUSNUM")
-                .and_then(|v| parse_decimal_u16(&v))
-        })
-        .ok_or("bus number")?;
-    let devnum = device
-        .attribute("devnum")
-        .and_then(|value| parse_decimal_u16(&value))
-        .or_else(|| {
-            device
-                .property("DEVNUM")
-                .and_then(|v| parse_decimal_u16(&v))
-        })
-        .ok_or("device number")?;
-    let device_class = device
-        .attribute("bDeviceClass")
-        .and_then(|value| parse_hex_u8(&value))
-        .or_else(|| {
-            // The kernel's TYPE is class/subclass/protocol in decimal.
-            let kind = device.property("TYPE")?;
-            kind.to_str()?.split('/').next()?.parse().ok()
-        })
-        .ok_or("device class")?;
-    let serial = device
-        .attribute("serial")
-        .or_else(|| device.property("ID_SERIAL_SHORT"))
-        .and_then(|value| lossy_text(&value));
-    let interface_classes = match device
-        .property("ID_USB_INTERFACES")
-        .and_then(|value| parse_usb_interfaces(&value))
-    {
-        Some(classes) => classes,
-        None => device.interface_children(),
-    };
-    let text = |value: Option<OsString>| value.and_then(|value| lossy_text(&value));
-    Ok(UsbDevice {
-        syspath: device.syspath(),
-        bus,
-        devnum,
-        vendor_id,
-        product_id,
-        serial,
-        port_path: device.sysname(),
-        parent_hub: device.parent_hub(),
-        device_class,
-        interface_classes,
-        manufacturer: text(device.attribute("manufacturer")),
-        product: text(device.attribute("product")),
-        vendor_from_database: text(device.property("ID_VENDOR_FROM_DATABASE")),
-        model_from_database: text(device.property("ID_MODEL_FROM_DATABASE")),
-        strings_pending: false,
-    })
+    convert(device, Reading::Whole)
 }
 
 /// A device as its own uevent names it, for the hotplug monitor: the identity from
@@ -132,42 +52,83 @@ pub(super) fn usb_device_from_attributes(
 pub(super) fn usb_device_from_event(
     device: &dyn DeviceAttributes,
 ) -> Result<UsbDevice, &'static str> {
+    convert(device, Reading::Announce)
+}
+
+/// Which of the two conversions above: where identity comes from first, and whether
+/// the strings are read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// sysfs first, then udev's and the uevent's properties; the strings too.
+    Whole,
+    /// The uevent's properties first, then sysfs; no strings.
+    Announce,
+}
+
+impl Reading {
+    /// One field from sysfs or from the properties, in the order this reading asks for.
+    fn first<T>(
+        self,
+        from_sysfs: impl FnOnce() -> Option<T>,
+        from_properties: impl FnOnce() -> Option<T>,
+    ) -> Option<T> {
+        match self {
+            Reading::Whole => from_sysfs().or_else(from_properties),
+            Reading::Announce => from_properties().or_else(from_sysfs),
+        }
+    }
+}
+
+fn convert(device: &dyn DeviceAttributes, reading: Reading) -> Result<UsbDevice, &'static str> {
+    let attribute = |name: &str, parse: fn(&OsStr) -> Option<u16>| {
+        device.attribute(name).and_then(|value| parse(&value))
+    };
+    let property = |name: &str, parse: fn(&OsStr) -> Option<u16>| {
+        device.property(name).and_then(|value| parse(&value))
+    };
     let product_triple = device.property("PRODUCT");
     let product_part = |index: usize| -> Option<u16> {
         let text = product_triple.as_deref()?.to_str()?;
         parse_hex_u16(OsStr::new(text.split('/').nth(index)?))
     };
-    let number = |property: &str, attribute: &str| {
-        device
-            .property(property)
-            .and_then(|value| parse_decimal_u16(&value))
-            .or_else(|| {
-                device
-                    .attribute(attribute)
-                    .and_then(|value| parse_decimal_u16(&value))
-            })
-    };
-    let hex = |index: usize, attribute: &str| {
-        product_part(index).or_else(|| {
-            device
-                .attribute(attribute)
-                .and_then(|value| parse_hex_u16(&value))
-        })
-    };
-    let vendor_id = hex(0, "idVendor").ok_or("vendor id")?;
-    let product_id = hex(1, "idProduct").ok_or("product id")?;
-    let bus = number("BUSNUM", "busnum").ok_or("bus number")?;
-    let devnum = number("DEVNUM", "devnum")
-        .filter(|devnum| *devnum != 0)
+    let vendor_id = reading
+        .first(
+            || attribute("idVendor", parse_hex_u16),
+            || property("ID_VENDOR_ID", parse_hex_u16).or_else(|| product_part(0)),
+        )
+        .ok_or("vendor id")?;
+    let product_id = reading
+        .first(
+            || attribute("idProduct", parse_hex_u16),
+            || property("ID_MODEL_ID", parse_hex_u16).or_else(|| product_part(1)),
+        )
+        .ok_or("product id")?;
+    let bus = reading
+        .first(
+            || attribute("busnum", parse_decimal_u16),
+            || property("BUSNUM", parse_decimal_u16),
+        )
+        .ok_or("bus number")?;
+    let devnum = reading
+        .first(
+            || attribute("devnum", parse_decimal_u16),
+            || property("DEVNUM", parse_decimal_u16),
+        )
+        .filter(|devnum| reading == Reading::Whole || *devnum != 0)
         .ok_or("device number")?;
-    let device_class = device
-        .property("TYPE")
-        .and_then(|kind| kind.to_str()?.split('/').next()?.parse().ok())
-        .or_else(|| {
-            device
-                .attribute("bDeviceClass")
-                .and_then(|value| parse_hex_u8(&value))
-        })
+    let device_class = reading
+        .first(
+            || {
+                device
+                    .attribute("bDeviceClass")
+                    .and_then(|value| parse_hex_u8(&value))
+            },
+            // The kernel's TYPE is class/subclass/protocol in decimal.
+            || {
+                let kind = device.property("TYPE")?;
+                kind.to_str()?.split('/').next()?.parse().ok()
+            },
+        )
         .ok_or("device class")?;
     let interface_classes = match device
         .property("ID_USB_INTERFACES")
@@ -177,22 +138,33 @@ pub(super) fn usb_device_from_event(
         None => device.interface_children(),
     };
     let text = |value: Option<OsString>| value.and_then(|value| lossy_text(&value));
+    let whole = reading == Reading::Whole;
+    let string = |name: &str| whole.then(|| text(device.attribute(name))).flatten();
+    let serial = whole
+        .then(|| {
+            text(
+                device
+                    .attribute("serial")
+                    .or_else(|| device.property("ID_SERIAL_SHORT")),
+            )
+        })
+        .flatten();
     Ok(UsbDevice {
         syspath: device.syspath(),
         bus,
         devnum,
         vendor_id,
         product_id,
-        serial: None,
+        serial,
         port_path: device.sysname(),
         parent_hub: device.parent_hub(),
         device_class,
         interface_classes,
-        manufacturer: None,
-        product: None,
+        manufacturer: string("manufacturer"),
+        product: string("product"),
         vendor_from_database: text(device.property("ID_VENDOR_FROM_DATABASE")),
         model_from_database: text(device.property("ID_MODEL_FROM_DATABASE")),
-        strings_pending: true,
+        strings_pending: !whole,
     })
 }
 
