@@ -235,7 +235,7 @@ impl DeviceAttributes for SysfsDevice {
 /// One attribute file of a sysfs folder without the newline the kernel ends it with,
 /// as libudev returns it, so that both readers see the same value (a serial keeps its
 /// trailing spaces). None when it cannot be read.
-fn read_attribute(folder: &Path, name: &str) -> Option<OsString> {
+pub(super) fn read_attribute(folder: &Path, name: &str) -> Option<OsString> {
     let mut bytes = fs::read(folder.join(name)).ok()?;
     while bytes
         .last()

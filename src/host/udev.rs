@@ -12,13 +12,13 @@ use crate::host::attributes::{
     interface_class_from, lossy_text, parse_decimal_u16, usb_device_from_attributes,
     usb_device_from_event, DeviceAttributes,
 };
+use crate::host::sysfs::read_attribute;
 use crate::host::{DeviceSource, HostError};
 use crate::model::{BusAddress, InterfaceClass, UsbDevice};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::mpsc::{self, Sender};
 use std::thread::{self, JoinHandle};
@@ -511,11 +511,8 @@ fn describe(syspath: String, address: BusAddress) -> Option<Event> {
     if !still_there() {
         return None;
     }
-    let text = |name: &str| {
-        let bytes = std::fs::read(Path::new(&syspath).join(name)).ok()?;
-        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes).to_vec();
-        lossy_text(&OsString::from_vec(bytes))
-    };
+    let text =
+        |name: &str| read_attribute(Path::new(&syspath), name).and_then(|value| lossy_text(&value));
     let (serial, manufacturer, product) = (text("serial"), text("manufacturer"), text("product"));
     // The reads may have waited through an unplug and the next plug.
     if !still_there() {
@@ -533,10 +530,7 @@ fn describe(syspath: String, address: BusAddress) -> Option<Event> {
 /// The bus and device number at a sysfs path now. These attributes never wait.
 fn sysfs_address(syspath: &str) -> Option<BusAddress> {
     let number = |name: &str| {
-        let bytes = std::fs::read(Path::new(syspath).join(name)).ok()?;
-        parse_decimal_u16(OsStr::from_bytes(
-            bytes.strip_suffix(b"\n").unwrap_or(&bytes),
-        ))
+        read_attribute(Path::new(syspath), name).and_then(|value| parse_decimal_u16(&value))
     };
     Some(BusAddress {
         bus: number("busnum")?,
