@@ -339,6 +339,23 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     }
 
     fn reload_config(&mut self, forced: bool) {
+        // An empty file is a writer caught between create (or truncate) and its first
+        // write: `rm` then `cat >`, `touch` then an edit. It parses as zero rules, and
+        // applying it would detach every device only to attach them again a moment
+        // later. The previous rules stay until the file has content; a file meant to
+        // hold no rules says so with a comment.
+        if std::fs::metadata(&self.options.config_path).is_ok_and(|file| file.len() == 0) {
+            let message = format!(
+                "rules file {} is empty: keeping the previous {} rules until it has content",
+                self.options.config_path.display(),
+                self.config.rules.len()
+            );
+            if self.config_error.as_deref() != Some(message.as_str()) {
+                log::warn!("{message}");
+            }
+            self.config_error = Some(message);
+            return;
+        }
         match Config::load(&self.options.config_path) {
             Ok(config) => {
                 if forced || config != self.config {

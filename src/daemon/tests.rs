@@ -479,3 +479,4 @@ fn sighup_rescans_devices_and_heals_missed_events() {
 }
 
 mod plugs;
+mod rules_file;

@@ -54,11 +54,14 @@ pub fn spawn_signal_thread(events: Sender<Event>) -> Result<JoinHandle<()>, Watc
         })
 }
 
-/// Sends `Event::ConfigChanged` whenever the rules file is written, replaced, created
-/// or removed. It watches the directory, not the file: editors and `usbpass assign`
-/// replace the file by renaming a new one over it, which a watch on the old inode
-/// would miss. When the rules file is a symlink, the target's directory is watched too,
-/// so that an edit of the target is seen.
+/// Sends `Event::ConfigChanged` when a writer of the rules file is done with it: on
+/// close after writing (`cp`, `cat >`, an editor that writes in place) and on a rename
+/// into place (`usbpass assign`, `sed -i`, vim's default). Never on create, delete or
+/// rename away: those come first in every way of saving a file, and the file they
+/// leave is missing, empty or cut off, which is valid TOML with zero rules; applying it
+/// would detach every device. It watches the directory, not the file: a watch on the
+/// old inode would miss a rename over it. When the rules file is a symlink, the
+/// target's directory is watched too, so that an edit of the target is seen.
 pub fn spawn_config_watcher(
     config_path: &Path,
     events: Sender<Event>,
@@ -79,14 +82,7 @@ pub fn spawn_config_watcher(
     for (directory, file_name) in watched {
         let descriptor = inotify
             .watches()
-            .add(
-                &directory,
-                WatchMask::CLOSE_WRITE
-                    | WatchMask::MOVED_TO
-                    | WatchMask::CREATE
-                    | WatchMask::DELETE
-                    | WatchMask::MOVED_FROM,
-            )
+            .add(&directory, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO)
             .map_err(|source| WatchError::WatchConfigDirectory {
                 path: directory.clone(),
                 source,
