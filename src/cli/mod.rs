@@ -53,6 +53,8 @@ pub enum CliError {
     StartWatcher(#[from] WatchError),
     #[error(transparent)]
     RunDaemon(#[from] DaemonError),
+    #[error(transparent)]
+    LockDaemon(#[from] crate::daemon::lock::LockError),
     #[error("device {device} is a hub; usbpass never passes hubs through")]
     AttachHub { device: Box<UsbDevice> },
     #[error("vm {vm} is not running on {uri}")]

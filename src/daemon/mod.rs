@@ -10,6 +10,7 @@ mod connection;
 mod decision;
 mod executor;
 mod live_domains;
+pub mod lock;
 pub mod notify;
 mod pending_detaches;
 mod retries;

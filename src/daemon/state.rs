@@ -27,6 +27,12 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot encode state file {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("state file {path} has format {found}, this usbpass reads format {STATE_FORMAT}")]
     Format { path: PathBuf, found: u32 },
 }
@@ -63,6 +69,9 @@ pub struct DaemonState {
     /// Unix times in seconds.
     pub started_at: u64,
     pub updated_at: u64,
+    /// For people to read: a path that is not UTF-8 is written with its odd bytes
+    /// replaced (JSON holds only text), not refused.
+    #[serde(serialize_with = "serialize_path_lossily")]
     pub config_path: PathBuf,
     /// Set while a broken rules file is refused and the previous rules stay in force.
     pub config_error: Option<String>,
@@ -78,7 +87,10 @@ pub struct DaemonState {
 
 impl DaemonState {
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(|source| StateError::Encode {
+            path: path.to_path_buf(),
+            source,
+        })?;
         bytes.push(b'\n');
         atomic_file::write(path, &bytes, 0o644, atomic_file::Durability::Volatile)?;
         Ok(())
@@ -112,8 +124,49 @@ impl DaemonState {
     }
 }
 
+fn serialize_path_lossily<S: serde::Serializer>(
+    path: &Path,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&path.to_string_lossy())
+}
+
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_rules_path_that_is_not_utf8_is_written_not_a_panic() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("state.json");
+        let state = DaemonState {
+            format: STATE_FORMAT,
+            pid: 1,
+            version: "0".into(),
+            started_at: 0,
+            updated_at: 0,
+            config_path: PathBuf::from(std::ffi::OsStr::from_bytes(b"/etc/usb\xffpass.toml")),
+            config_error: None,
+            rule_count: 0,
+            libvirt: LibvirtStatus {
+                uri: "qemu:///system".into(),
+                connected: false,
+                last_error: None,
+            },
+            running_vms: vec![],
+            devices: vec![],
+            failures: vec![],
+            recent_failures: vec![],
+        };
+        state.write(&path).unwrap();
+        let read = DaemonState::read(&path).unwrap();
+        assert_eq!(read.config_path, PathBuf::from("/etc/usb\u{fffd}pass.toml"));
+    }
 }

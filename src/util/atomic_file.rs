@@ -28,6 +28,10 @@ pub enum AtomicWriteError {
     },
 }
 
+/// The name every temporary file starts with: the daemon removes leftovers of writes
+/// that a kill interrupted (`daemon::lock::remove_leftover_temporaries`).
+pub const TEMPORARY_PREFIX: &str = ".usbpass-";
+
 /// Whether the new contents must reach the disk before the rename.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -62,7 +66,7 @@ pub fn write(
         .map(|metadata| metadata.permissions().mode() & 0o7777)
         .unwrap_or(new_mode);
     let mut temporary = tempfile::Builder::new()
-        .prefix(".usbpass-")
+        .prefix(TEMPORARY_PREFIX)
         .tempfile_in(&directory)
         .map_err(write_error)?;
     temporary.write_all(contents).map_err(write_error)?;
