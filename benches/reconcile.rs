@@ -10,7 +10,7 @@ use usbpass::hypervisor::{DomainView, UsbHostdev};
 use usbpass::model::alias::HostdevAlias;
 use usbpass::model::UsbDevice;
 use usbpass::reconcile::plan;
-use usbpass::rules::{Config, Matcher, ReconnectMode, Rule};
+use usbpass::rules::{Config, GiveBack, Matcher, ReconnectMode, Rule};
 
 const DEVICES: usize = 200;
 const VMS: usize = 50;
@@ -65,6 +65,7 @@ fn rules() -> Vec<Rule> {
                     format!("vm-{}", (target + 1) % VMS),
                 ],
                 reconnect: ReconnectMode::Id,
+                give_back: GiveBack::AtOnce,
                 line: index + 1,
             }
         })

@@ -5,9 +5,9 @@
 use crate::hypervisor::{DomainView, UsbHostdev};
 use crate::model::alias::{HostdevAlias, Ownership};
 use crate::model::{BusAddress, UsbDevice, UsbId};
-use crate::rules::{Config, RuleChoice};
+use crate::rules::{Config, GiveBack, RuleChoice};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 /// Why an owned hostdev is being removed.
@@ -79,6 +79,42 @@ pub struct Placement {
     pub wanted_vm: Option<String>,
     /// Every hostdev that points at it.
     pub holders: Vec<Holder>,
+    /// Running VMs of its rule, before `wanted_vm`, that it could not go to, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed_over: Vec<PassedOver>,
+}
+
+/// A running VM of a rule that a device skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedOver {
+    pub vm: String,
+    pub reason: PassReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PassReason {
+    /// Its last attach failed: every USB port of the VM is taken.
+    NoFreePort,
+}
+
+impl PassReason {
+    /// For people: the status line says "win11 passed over: no free usb port".
+    pub fn describe(self) -> &'static str {
+        match self {
+            PassReason::NoFreePort => "no free usb port",
+        }
+    }
+}
+
+/// What the daemon knows about VMs beyond their live XML: those that cannot take one
+/// more device now. It learns this from failed attaches and forgets it when the VM
+/// changes; as plain data it keeps `plan` pure.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unavailable {
+    /// VMs whose last attach failed for want of a free USB port. A device already in
+    /// one stays; another goes to its rule's next running VM.
+    pub no_free_port: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,25 +160,72 @@ fn resolve_hostdev<'a>(
     }
 }
 
-/// Compare and decide. See the module doc.
+/// Compare and decide, with every running VM able to take a device. See the module doc.
 pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> Plan {
+    plan_with(config, devices, domains, &Unavailable::default())
+}
+
+/// Compare and decide, passing over the VMs in `unavailable` for devices not yet in them.
+pub fn plan_with(
+    config: &Config,
+    devices: &[UsbDevice],
+    domains: &[DomainView],
+    unavailable: &Unavailable,
+) -> Plan {
     let by_address: HashMap<BusAddress, &UsbDevice> =
         devices.iter().map(|d| (d.address(), d)).collect();
     let running: HashSet<&str> = domains.iter().map(|d| d.name.as_str()).collect();
 
+    // Where each device sits now through a hostdev the rules made.
+    let mut held_in: HashMap<BusAddress, HashSet<&str>> = HashMap::new();
+    for domain in domains {
+        for hostdev in &domain.hostdevs {
+            if hostdev.ownership() != Ownership::Rules {
+                continue;
+            }
+            for device in resolve_hostdev(hostdev, &by_address, devices) {
+                held_in
+                    .entry(device.address())
+                    .or_default()
+                    .insert(domain.name.as_str());
+            }
+        }
+    }
+
     // What the rules want, per present device; and the devices the rules cannot
     // decide yet (strings still being read), which stay exactly as they are.
     let mut wanted: HashMap<BusAddress, (&str, Option<&str>)> = HashMap::new();
+    let mut passed_over: HashMap<BusAddress, Vec<PassedOver>> = HashMap::new();
     let mut undecided: HashSet<BusAddress> = HashSet::new();
     for device in devices {
         match config.decide(device) {
             RuleChoice::Rule(rule) => {
-                let vm = rule
-                    .vms
-                    .iter()
-                    .map(String::as_str)
-                    .find(|vm| running.contains(vm));
+                let now_in = held_in.get(&device.address());
+                let is_in = |vm: &str| now_in.is_some_and(|vms| vms.contains(vm));
+                // when-free: a VM of the list that holds it keeps it.
+                let kept = (rule.give_back == GiveBack::WhenFree)
+                    .then(|| rule.vms.iter().map(String::as_str).find(|vm| is_in(vm)))
+                    .flatten();
+                let mut skipped = Vec::new();
+                let vm = kept.or_else(|| {
+                    rule.vms.iter().map(String::as_str).find(|vm| {
+                        if !running.contains(vm) {
+                            return false;
+                        }
+                        if !is_in(vm) && unavailable.no_free_port.contains(*vm) {
+                            skipped.push(PassedOver {
+                                vm: vm.to_string(),
+                                reason: PassReason::NoFreePort,
+                            });
+                            return false;
+                        }
+                        true
+                    })
+                });
                 wanted.insert(device.address(), (rule.name.as_str(), vm));
+                if !skipped.is_empty() {
+                    passed_over.insert(device.address(), skipped);
+                }
             }
             RuleChoice::NoRule => {}
             RuleChoice::Undecided => {
@@ -198,8 +281,8 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
                     }
                 }
                 Some((_, Some(vm))) => detaches.push(detach(DetachReason::Moving(vm.to_string()))),
-                // Unreachable in practice: this domain runs and the device is in it, so
-                // if the rule names it, some VM of the rule is running.
+                // The rule names no running VM that can take it (this one is not in its
+                // list, and those that are run out of ports).
                 Some((_, None)) => detaches.push(detach(DetachReason::NoRule)),
             }
         }
@@ -246,6 +329,7 @@ pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> P
             rule,
             wanted_vm,
             holders: device_holders,
+            passed_over: passed_over.remove(&address).unwrap_or_default(),
         });
     }
 

@@ -164,6 +164,23 @@ pub fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitC
                         where_is(placement, true)
                     );
                 }
+                for placement in state.devices.iter().filter(|p| !p.passed_over.is_empty()) {
+                    let skipped: Vec<String> = placement
+                        .passed_over
+                        .iter()
+                        .map(|passed| format!("{} ({})", passed.vm, passed.reason.describe()))
+                        .collect();
+                    println!(
+                        "  {}  {}: passed over {}; {}",
+                        placement.device,
+                        printable(&placement.device.display_name()),
+                        skipped.join(", "),
+                        match &placement.wanted_vm {
+                            Some(vm) => format!("goes to {vm} instead"),
+                            None => "waits on the host".to_string(),
+                        }
+                    );
+                }
                 let older: Vec<_> = state
                     .recent_failures
                     .iter()

@@ -33,7 +33,7 @@ use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
-use crate::reconcile::{self, Action};
+use crate::reconcile::{self, Action, Unavailable};
 use crate::rules::{Config, ConfigError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -84,6 +84,9 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     retries: RetryBook,
+    /// VMs that refused an attach for want of a free USB port: passed over for devices
+    /// not in them, until something in that VM changes.
+    unavailable: Unavailable,
     timing: DecisionTiming,
     watchdog: Watchdog,
     status: Status,
@@ -138,6 +141,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             ready_after_converge: false,
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
+            unavailable: Unavailable::default(),
             timing: DecisionTiming::new(),
             watchdog,
             status: Status::new(),
@@ -278,6 +282,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             }
             Event::Domain { domain, change } => {
                 self.retries.forget_domain(&domain);
+                self.unavailable.no_free_port.remove(&domain);
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => self.live.domain_stopped(&domain),
@@ -290,6 +295,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             Event::DomainDeviceRemoved { domain, alias } => {
                 self.pending_detaches.finished(&domain, &alias);
                 self.live.device_removed(&domain, &alias);
+                self.unavailable.no_free_port.remove(&domain);
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
                 self.retries.forget_domain(&domain);
@@ -313,6 +319,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     log::warn!("{error}; keeping the previous device list");
                 }
                 self.retries.clear();
+                self.unavailable = Unavailable::default();
                 self.live.invalidate();
                 self.ready_after_converge = true;
             }
@@ -391,6 +398,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn drop_connection(&mut self, reason: String) {
         self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
+        self.unavailable = Unavailable::default();
         self.live.invalidate();
         self.status.disconnected();
     }
@@ -423,7 +431,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 continue;
             }
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-            let mut plan = reconcile::plan(&self.config, &devices, &domains);
+            let mut plan =
+                reconcile::plan_with(&self.config, &devices, &domains, &self.unavailable);
             // An attach under the alias of a detach still under way would be refused
             // as a duplicate alias: it waits for DEVICE_REMOVED.
             plan.actions.retain(|action| {
@@ -514,6 +523,13 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 // The live XML is not what the loop believed (a vm gone, a duplicate,
                 // a device already taken): read it again before the next plan.
                 self.live.invalidate();
+                if let (FailureKind::NoFreePort, Action::Attach { domain, .. }) =
+                    (error.kind(), &outcome.action)
+                {
+                    // The rule's next running VM gets the device meanwhile; the status
+                    // says why this one was passed over.
+                    self.unavailable.no_free_port.insert(domain.clone());
+                }
                 let booked = self.retries.failed(&outcome.action, error, now);
                 log::warn!(
                     "{}",

@@ -155,6 +155,7 @@ mod tests {
                 alias: Some(alias.to_string()),
                 ownership: Ownership::Rules,
             }],
+            passed_over: Vec::new(),
         };
         status.saw(&[win11], vec![placement]);
         let view = LoopView {

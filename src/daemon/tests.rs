@@ -218,6 +218,27 @@ fn the_add_race_is_retried_quickly_and_then_succeeds() {
 }
 
 #[test]
+fn a_full_vm_is_passed_over_for_the_rules_next_vm_and_gets_the_device_back_when_a_port_frees() {
+    let mut world = FakeWorld::with_domains(&["win11", "fedora"]);
+    world.ports_in.insert("win11".into(), 0);
+    let harness = Harness::start(RULES, world, vec![receiver(5)]);
+    harness.wait_until("the fallback", |w| w.aliases_in("fedora").len() == 1);
+    let state = harness.state();
+    assert_eq!(state.devices[0].wanted_vm.as_deref(), Some("fedora"));
+    assert_eq!(state.devices[0].passed_over[0].vm, "win11");
+    assert_eq!(harness.world.lock().attaches().len(), 2);
+    // A port frees in win11: the first choice gets it (the rule's default return).
+    harness.world.lock().ports_in.clear();
+    harness.send_and_settle(Event::DomainDeviceRemoved {
+        domain: "win11".into(),
+        alias: "ua-other".into(),
+    });
+    harness.wait_until("the move back", |w| w.aliases_in("win11").len() == 1);
+    assert!(harness.state().devices[0].passed_over.is_empty());
+    harness.stop().unwrap();
+}
+
+#[test]
 fn a_full_controller_is_reported_and_not_retried_in_a_tight_loop() {
     let mut world = FakeWorld::with_domains(&["win11"]);
     world.ports_per_domain = Some(0);
@@ -231,10 +252,14 @@ fn a_full_controller_is_reported_and_not_retried_in_a_tight_loop() {
         });
     }
     assert_eq!(harness.world.lock().attaches().len(), 1);
-    let failure = &harness.state().failures[0];
+    // The only VM of the rule is full: the device waits on the host, and says why.
+    let state = harness.state();
+    assert!(state.failures.is_empty(), "{:?}", state.failures);
+    assert_eq!(state.devices[0].wanted_vm, None);
+    assert_eq!(state.devices[0].passed_over[0].vm, "win11");
+    let failure = &state.recent_failures[0];
     assert_eq!(failure.kind, FailureKind::NoFreePort);
     assert_eq!(failure.domain, "win11");
-    assert_eq!(failure.retry_in_ms, Some(5_000));
     assert!(failure.message.contains("win11"), "{}", failure.message);
     assert!(failure.message.contains("046d:c52b"), "{}", failure.message);
     // An event about that vm (a port freed) makes it due again.

@@ -389,3 +389,5 @@ fn a_device_whose_strings_are_not_read_yet_is_left_as_it_is() {
         ["attach ua-usbpass-1-9-0403-6001 to lab by stick-a"]
     );
 }
+
+mod fallback;

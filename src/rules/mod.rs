@@ -183,8 +183,37 @@ pub struct Rule {
     /// Never empty. The first running VM wins.
     pub vms: Vec<String>,
     pub reconnect: ReconnectMode,
+    /// When an earlier VM of the list starts while the device is in a later one.
+    #[serde(default)]
+    pub give_back: GiveBack,
     /// 1-based line of the rule's table in the file, for messages.
     pub line: usize,
+}
+
+/// The rule's `return` key: what happens to a device in a fallback VM when a VM earlier
+/// in the rule's list starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GiveBack {
+    /// `return = "at-once"`, the default: the device moves to the earlier VM as soon as
+    /// it runs. The list is a strict order of preference.
+    #[default]
+    AtOnce,
+    /// `return = "when-free"`: the device stays in the fallback VM while it runs and the
+    /// device stays plugged; a disk in use is never pulled out from under it. It goes
+    /// to the first running VM of the list when it is plugged again or the fallback VM
+    /// stops.
+    WhenFree,
+}
+
+impl GiveBack {
+    /// The spelling in the rules file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GiveBack::AtOnce => "at-once",
+            GiveBack::WhenFree => "when-free",
+        }
+    }
 }
 
 impl Rule {

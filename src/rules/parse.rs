@@ -1,7 +1,9 @@
 //! Reading the rules file: strict TOML (unknown keys refused) into `Config`, with every
 //! error pointing at its file:line:column, and the validation of each rule's keys.
 
-use super::{ClassPattern, Config, ConfigError, Matcher, ReconnectMode, Rule, DEFAULT_URI};
+use super::{
+    ClassPattern, Config, ConfigError, GiveBack, Matcher, ReconnectMode, Rule, DEFAULT_URI,
+};
 use crate::model::port::{is_port_path, is_usb_device_name};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -99,11 +101,25 @@ impl Config {
                     ))
                 }
             };
+            let give_back = match raw_rule.give_back.as_ref().map(|r| r.get_ref().as_str()) {
+                None | Some("at-once") => GiveBack::AtOnce,
+                Some("when-free") => GiveBack::WhenFree,
+                Some(other) => return Err(invalid(
+                    raw_rule
+                        .give_back
+                        .as_ref()
+                        .map_or(rule_span.clone(), |r| r.span()),
+                    format!(
+                        "rule {name:?}: return must be \"at-once\" or \"when-free\", not {other:?}"
+                    ),
+                )),
+            };
             rules.push(Rule {
                 name,
                 matcher,
                 vms,
                 reconnect,
+                give_back,
                 line: line_and_column(text, rule_span.start).0,
             });
         }
@@ -293,6 +309,8 @@ struct RawRule {
     class: Option<Spanned<String>>,
     vm: Spanned<VmList>,
     reconnect: Option<Spanned<String>>,
+    #[serde(rename = "return")]
+    give_back: Option<Spanned<String>>,
 }
 
 /// `vm = "a"` or `vm = ["a", "b"]`.

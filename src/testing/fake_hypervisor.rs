@@ -38,6 +38,8 @@ pub struct FakeWorld {
     failing_always: Option<FailureKind>,
     /// USB ports per domain: an attach beyond this fails like a full qemu-xhci.
     pub ports_per_domain: Option<usize>,
+    /// USB ports of one domain, over `ports_per_domain`.
+    pub ports_in: std::collections::BTreeMap<String, usize>,
     /// Detach like libvirt's `virDomainDetachDeviceAlias`: accept the request and leave
     /// the hostdev in place until the test calls `finish_detaches`.
     pub asynchronous_detach: bool,
@@ -206,7 +208,11 @@ impl Hypervisor for FakeHypervisor {
         if let Some(kind) = world.failing_attaches.pop_front() {
             return Err(fail(kind));
         }
-        let ports = world.ports_per_domain;
+        let ports = world
+            .ports_in
+            .get(domain)
+            .copied()
+            .or(world.ports_per_domain);
         let Some(target) = world.domains.iter_mut().find(|d| d.name == domain) else {
             return Err(fail(FailureKind::DomainGone));
         };
