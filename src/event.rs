@@ -8,7 +8,10 @@ use std::time::Instant;
 pub enum DomainChange {
     Started,
     Stopped,
-    /// Defined, undefined, suspended, resumed and the rest: re-read, nothing more.
+    /// Defined or redefined: its persistent definition may now hold a hostdev usbpass
+    /// made (see `daemon::definitions`).
+    Defined,
+    /// Undefined, suspended, resumed and the rest: re-read, nothing more.
     Other,
 }
 

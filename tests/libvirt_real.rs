@@ -518,3 +518,64 @@ fn reachability_is_reported_with_the_reason() {
         .to_string()
         .contains("/nonexistent/usbpass-test-lv-sock"));
 }
+
+#[test]
+fn owned_hostdevs_copied_into_a_definition_are_removed_and_the_vm_starts_again() {
+    usbpass_require_libvirtd!();
+    let _serial = serial();
+    let owned = HostdevAlias::parse("ua-usbpass-1-5-046d-c52b").unwrap();
+    // As `virsh dumpxml` of a running VM that holds a usbpass hostdev, then `define`:
+    // the hostdev is now in the definition. Beside it, one the user made.
+    let domain = TestDomain::define(
+        "defined",
+        "",
+        "",
+        &format!(
+            "<hostdev mode='subsystem' type='usb' managed='no'>
+      <source><vendor id='0x046d'/><product id='0xc52b'/><address bus='1' device='5'/></source>
+      <alias name='{owned}'/>
+    </hostdev>
+    <hostdev mode='subsystem' type='usb' managed='no'>
+      <source><vendor id='0x1234'/><product id='0x5678'/></source>
+      <alias name='ua-mine'/>
+    </hostdev>"
+        ),
+    );
+    // This machine has no USB at all: with the device named in it, the VM cannot start.
+    let start = libvirt_env::virsh(&["start", &domain.name]);
+    assert!(
+        !start.status.success(),
+        "the vm started with a missing device"
+    );
+
+    let (mut hypervisor, _events) = open();
+    let defined = hypervisor.owned_hostdevs_in_definitions().unwrap();
+    let mine: Vec<_> = defined.iter().filter(|d| d.domain == domain.name).collect();
+    assert_eq!(mine.len(), 1, "{defined:?}");
+    assert_eq!(
+        mine[0]
+            .aliases
+            .iter()
+            .map(HostdevAlias::as_str)
+            .collect::<Vec<_>>(),
+        [owned.as_str()],
+        "only usbpass's own hostdev"
+    );
+
+    hypervisor
+        .remove_from_definition(&domain.name, &owned)
+        .unwrap();
+    let xml = virsh_ok(&["dumpxml", "--inactive", &domain.name]);
+    assert!(!xml.contains(owned.as_str()), "{xml}");
+    assert!(xml.contains("ua-mine"), "the user's hostdev stays: {xml}");
+    assert!(hypervisor
+        .owned_hostdevs_in_definitions()
+        .unwrap()
+        .iter()
+        .all(|d| d.domain != domain.name));
+    // The user's own is theirs to remove (and on this machine, with no USB at all, any
+    // USB hostdev stops a start); without it, the VM starts.
+    virsh_ok(&["detach-device-alias", &domain.name, "ua-mine", "--config"]);
+    domain.start();
+    domain.destroy();
+}

@@ -8,6 +8,7 @@
 pub mod clock;
 mod connection;
 mod decision;
+mod definitions;
 mod executor;
 mod live_domains;
 pub mod lock;
@@ -81,6 +82,9 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// The running domains' hostdevs, a copy of their live XML.
     live: LiveDomains,
     pending_detaches: PendingDetaches,
+    /// Set when a persistent definition may hold a hostdev usbpass made: after a
+    /// connect and after a VM is defined. See `definitions`.
+    definitions_unchecked: bool,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     retries: RetryBook,
@@ -139,6 +143,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             devices: BTreeMap::new(),
             live: LiveDomains::new(),
             ready_after_converge: false,
+            definitions_unchecked: true,
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
             unavailable: Unavailable::default(),
@@ -286,6 +291,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => self.live.domain_stopped(&domain),
+                    DomainChange::Defined => {
+                        self.definitions_unchecked = true;
+                        self.live.invalidate();
+                    }
                     DomainChange::Other => self.live.invalidate(),
                 }
             }
@@ -413,8 +422,16 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             {
                 Link::Up => {}
                 // Anything that failed against the old connection is due again.
-                Link::Opened => self.retries.clear(),
+                Link::Opened => {
+                    self.retries.clear();
+                    self.definitions_unchecked = true;
+                }
                 Link::Down => break,
+            }
+            if std::mem::take(&mut self.definitions_unchecked) {
+                if let Some(hypervisor) = self.connection.hypervisor() {
+                    definitions::remove_owned_hostdevs_from_definitions(hypervisor);
+                }
             }
             if self.live.is_stale() {
                 let Some(domains) = self.list_domains() else {

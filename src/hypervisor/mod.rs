@@ -65,6 +65,16 @@ impl fmt::Display for HostdevSpec {
     }
 }
 
+/// A domain whose persistent definition holds hostdevs usbpass made. usbpass attaches
+/// live only; such a hostdev got there by someone defining the VM from XML dumped while
+/// a device was attached (`virsh dumpxml`, an edit, `virsh define`), and it keeps the VM
+/// from starting once that device is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinedHostdevs {
+    pub domain: String,
+    pub aliases: Vec<HostdevAlias>,
+}
+
 /// A running domain and its USB hostdevs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainView {
@@ -137,6 +147,15 @@ pub enum HypervisorError {
         kind: FailureKind,
         message: String,
     },
+    #[error("cannot read the persistent definitions of the vms: {message}")]
+    ListDefinitions { kind: FailureKind, message: String },
+    #[error("cannot remove {alias} from the persistent definition of vm {domain}: {message}")]
+    RemoveFromDefinition {
+        domain: String,
+        alias: String,
+        kind: FailureKind,
+        message: String,
+    },
 }
 
 impl HypervisorError {
@@ -146,7 +165,9 @@ impl HypervisorError {
             HypervisorError::ListDomains { kind, .. }
             | HypervisorError::ReadDomainXml { kind, .. }
             | HypervisorError::Attach { kind, .. }
-            | HypervisorError::Detach { kind, .. } => *kind,
+            | HypervisorError::Detach { kind, .. }
+            | HypervisorError::ListDefinitions { kind, .. }
+            | HypervisorError::RemoveFromDefinition { kind, .. } => *kind,
         }
     }
 }
@@ -162,6 +183,16 @@ pub trait Hypervisor {
     /// Hot-unplug the hostdev with this alias, live only. The alias type admits only
     /// hostdevs usbpass made.
     fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError>;
+    /// Every persistent domain, running or not, whose definition (the inactive XML, not
+    /// the live one) holds hostdevs usbpass made.
+    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError>;
+    /// Remove the hostdev with this alias from the domain's persistent definition only;
+    /// a running domain keeps it live.
+    fn remove_from_definition(
+        &mut self,
+        domain: &str,
+        alias: &HostdevAlias,
+    ) -> Result<(), HypervisorError>;
 }
 
 /// Opens hypervisor connections; the daemon calls it again after a disconnect.

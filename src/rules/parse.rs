@@ -104,15 +104,17 @@ impl Config {
             let give_back = match raw_rule.give_back.as_ref().map(|r| r.get_ref().as_str()) {
                 None | Some("at-once") => GiveBack::AtOnce,
                 Some("when-free") => GiveBack::WhenFree,
-                Some(other) => return Err(invalid(
-                    raw_rule
-                        .give_back
-                        .as_ref()
-                        .map_or(rule_span.clone(), |r| r.span()),
-                    format!(
+                Some(other) => {
+                    return Err(invalid(
+                        raw_rule
+                            .give_back
+                            .as_ref()
+                            .map_or(rule_span.clone(), |r| r.span()),
+                        format!(
                         "rule {name:?}: return must be \"at-once\" or \"when-free\", not {other:?}"
                     ),
-                )),
+                    ))
+                }
             };
             rules.push(Rule {
                 name,

@@ -5,7 +5,8 @@
 use crate::event::Event;
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{
-    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError, UsbHostdev,
+    Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
+    UsbHostdev,
 };
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
@@ -19,8 +20,21 @@ use std::time::Instant;
 pub enum Call {
     Connect,
     ListDomains,
-    Attach { domain: String, alias: String },
-    Detach { domain: String, alias: String },
+    Attach {
+        domain: String,
+        alias: String,
+    },
+    Detach {
+        domain: String,
+        alias: String,
+    },
+    /// A removal from a persistent definition. (Reads of the definitions are not
+    /// recorded: they change nothing, and the call indices that `failing_at` counts
+    /// stay those of the calls the loop's tests are about.)
+    RemoveFromDefinition {
+        domain: String,
+        alias: String,
+    },
 }
 
 /// The fake's world, shared between the test and the daemon under test.
@@ -39,12 +53,14 @@ pub struct FakeWorld {
     /// USB ports per domain: an attach beyond this fails like a full qemu-xhci.
     pub ports_per_domain: Option<usize>,
     /// USB ports of one domain, over `ports_per_domain`.
-    pub ports_in: std::collections::BTreeMap<String, usize>,
+    pub ports_in: BTreeMap<String, usize>,
     /// Detach like libvirt's `virDomainDetachDeviceAlias`: accept the request and leave
     /// the hostdev in place until the test calls `finish_detaches`.
     pub asynchronous_detach: bool,
     /// Detaches accepted but not finished, when `asynchronous_detach` is set.
     pub detaches_under_way: Vec<(String, String)>,
+    /// Aliases in each domain's persistent definition, running or not.
+    pub definitions: BTreeMap<String, Vec<String>>,
     /// Connection attempts fail while this is set.
     pub refuse_connections: bool,
     /// Where the current connection's events go, so a test can post libvirt events.
@@ -280,6 +296,45 @@ impl Hypervisor for FakeHypervisor {
                 domain: domain.to_string(),
                 alias: alias.to_string(),
             });
+        }
+        Ok(())
+    }
+
+    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
+        let world = self.world.lock();
+        Ok(world
+            .definitions
+            .iter()
+            .map(|(domain, aliases)| DefinedHostdevs {
+                domain: domain.clone(),
+                aliases: aliases
+                    .iter()
+                    .filter_map(|alias| HostdevAlias::parse(alias).ok())
+                    .collect(),
+            })
+            .filter(|defined| !defined.aliases.is_empty())
+            .collect())
+    }
+
+    fn remove_from_definition(
+        &mut self,
+        domain: &str,
+        alias: &HostdevAlias,
+    ) -> Result<(), HypervisorError> {
+        let mut world = self.world.lock();
+        if let Some(kind) = world.record(Call::RemoveFromDefinition {
+            domain: domain.to_string(),
+            alias: alias.to_string(),
+        }) {
+            return Err(HypervisorError::RemoveFromDefinition {
+                domain: domain.to_string(),
+                alias: alias.to_string(),
+                kind,
+                message: message(kind),
+            });
+        }
+        if let Some(aliases) = world.definitions.get_mut(domain) {
+            aliases.retain(|known| known != alias.as_str());
         }
         Ok(())
     }

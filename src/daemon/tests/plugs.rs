@@ -213,3 +213,54 @@ vm = "win11"
     );
     harness.stop().unwrap();
 }
+
+#[test]
+fn owned_hostdevs_in_definitions_are_removed_at_start_and_after_a_define() {
+    let mut world = FakeWorld::with_domains(&["win11"]);
+    world.definitions.insert(
+        "win11".into(),
+        vec!["ua-usbpass-1-5-046d-c52b".into(), "ua-mine".into()],
+    );
+    world
+        .definitions
+        .insert("lab".into(), vec!["hostdev0".into()]);
+    let harness = Harness::start(RULES, world, vec![]);
+    let removals = |harness: &Harness| {
+        harness
+            .world
+            .lock()
+            .calls
+            .iter()
+            .filter(|call| matches!(call, Call::RemoveFromDefinition { .. }))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        removals(&harness),
+        [Call::RemoveFromDefinition {
+            domain: "win11".into(),
+            alias: "ua-usbpass-1-5-046d-c52b".into()
+        }]
+    );
+    assert_eq!(harness.world.lock().definitions["win11"], ["ua-mine"]);
+    assert_eq!(harness.world.lock().definitions["lab"], ["hostdev0"]);
+    // Nothing to do on unrelated events.
+    harness.send_and_settle(Event::Domain {
+        domain: "win11".into(),
+        change: DomainChange::Other,
+    });
+    assert_eq!(removals(&harness).len(), 1);
+    // `virsh define` from a dump taken while a device was attached.
+    harness
+        .world
+        .lock()
+        .definitions
+        .insert("lab".into(), vec!["ua-usbpass-1-9-0403-6001".into()]);
+    harness.send_and_settle(Event::Domain {
+        domain: "lab".into(),
+        change: DomainChange::Defined,
+    });
+    assert_eq!(removals(&harness).len(), 2);
+    assert!(harness.world.lock().definitions["lab"].is_empty());
+    harness.stop().unwrap();
+}

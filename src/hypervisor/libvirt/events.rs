@@ -289,6 +289,7 @@ unsafe extern "C" fn lifecycle_callback(
     let change = match u32::try_from(event) {
         Ok(sys::VIR_DOMAIN_EVENT_STARTED) => DomainChange::Started,
         Ok(sys::VIR_DOMAIN_EVENT_STOPPED) => DomainChange::Stopped,
+        Ok(sys::VIR_DOMAIN_EVENT_DEFINED) => DomainChange::Defined,
         _ => DomainChange::Other,
     };
     // SAFETY: `opaque` is the sender registered with this callback, alive until

@@ -11,7 +11,8 @@ use xml::{build_usb_hostdev, parse_usb_hostdevs};
 
 use crate::event::Event;
 use crate::hypervisor::{
-    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
+    Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
+    UsbHostdev,
 };
 use crate::model::alias::HostdevAlias;
 use failure::LibvirtFailure;
@@ -309,15 +310,83 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
-        let from_libvirt = |error: virt::error::Error| {
-            let failure = LibvirtFailure::from_error(&error);
-            HypervisorError::Detach {
+        self.detach_alias(domain, alias, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .map_err(|failure| HypervisorError::Detach {
                 domain: domain.to_string(),
                 alias: alias.to_string(),
                 kind: failure.kind(),
                 message: failure.message,
-            }
+            })
+    }
+
+    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
+        let list_error = |failure: LibvirtFailure| HypervisorError::ListDefinitions {
+            kind: failure.kind(),
+            message: failure.message,
         };
+        let domains = self
+            .connection
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+            .map_err(|error| list_error(LibvirtFailure::from_error(&error)))?;
+        let mut found = Vec::new();
+        for domain in &domains {
+            let name = domain
+                .name()
+                .map_err(|error| list_error(LibvirtFailure::from_error(&error)))?;
+            let xml = match domain.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) {
+                Ok(xml) => xml,
+                // Undefined since the listing: nothing left to clean.
+                Err(error)
+                    if LibvirtFailure::from_error(&error).kind() == FailureKind::DomainGone =>
+                {
+                    continue
+                }
+                Err(error) => return Err(list_error(LibvirtFailure::from_error(&error))),
+            };
+            let aliases: Vec<HostdevAlias> = parse_usb_hostdevs(&xml)
+                .map_err(|error| HypervisorError::ListDefinitions {
+                    kind: FailureKind::Other,
+                    message: format!("vm {name}: {error}"),
+                })?
+                .iter()
+                .filter_map(UsbHostdev::owned_alias)
+                .collect();
+            if !aliases.is_empty() {
+                found.push(DefinedHostdevs {
+                    domain: name,
+                    aliases,
+                });
+            }
+        }
+        found.sort_by(|a, b| a.domain.cmp(&b.domain));
+        Ok(found)
+    }
+
+    fn remove_from_definition(
+        &mut self,
+        domain: &str,
+        alias: &HostdevAlias,
+    ) -> Result<(), HypervisorError> {
+        self.detach_alias(domain, alias, sys::VIR_DOMAIN_AFFECT_CONFIG)
+            .map_err(|failure| HypervisorError::RemoveFromDefinition {
+                domain: domain.to_string(),
+                alias: alias.to_string(),
+                kind: failure.kind(),
+                message: failure.message,
+            })
+    }
+}
+
+impl LibvirtHypervisor {
+    /// `virDomainDetachDeviceAlias` with `flags`: `AFFECT_LIVE` unplugs from the running
+    /// VM, `AFFECT_CONFIG` edits the persistent definition only.
+    fn detach_alias(
+        &self,
+        domain: &str,
+        alias: &HostdevAlias,
+        flags: u32,
+    ) -> Result<(), LibvirtFailure> {
+        let from_libvirt = |error: virt::error::Error| LibvirtFailure::from_error(&error);
         // A `HostdevAlias` is one usbpass made, so this can never unplug a hostdev or a
         // controller someone else created; libvirt's alias rule keeps it free of nul.
         let alias_c = CString::new(alias.as_str()).expect("a hostdev alias has no nul byte");
@@ -326,13 +395,8 @@ impl Hypervisor for LibvirtHypervisor {
         // SAFETY: `target` holds a reference on a valid domain for the whole call, and
         // `alias_c` is a NUL-terminated string that outlives it; libvirt copies what it
         // keeps.
-        let result = unsafe {
-            sys::virDomainDetachDeviceAlias(
-                target.as_ptr(),
-                alias_c.as_ptr(),
-                sys::VIR_DOMAIN_AFFECT_LIVE,
-            )
-        };
+        let result =
+            unsafe { sys::virDomainDetachDeviceAlias(target.as_ptr(), alias_c.as_ptr(), flags) };
         if result < 0 {
             return Err(from_libvirt(virt::error::Error::last_error()));
         }
