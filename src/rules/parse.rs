@@ -1,7 +1,10 @@
 //! Reading the rules file: strict TOML (unknown keys refused) into `Config`, with every
 //! error pointing at its file:line:column, and the validation of each rule's keys.
 
-use super::{ClassPattern, Config, ConfigError, Matcher, ReconnectMode, Rule, DEFAULT_URI};
+use super::{
+    ClassPattern, Config, ConfigError, DeviceSourceSetting, Matcher, ReconnectMode, Rule,
+    DEFAULT_URI,
+};
 use crate::model::port::{is_port_path, is_usb_device_name};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -42,6 +45,22 @@ impl Config {
             Some(uri) => uri.into_inner(),
             None => DEFAULT_URI.to_string(),
         };
+        let device_source =
+            match raw
+                .device_source
+                .as_ref()
+                .map(|s| (s.get_ref().as_str(), s))
+            {
+                None | Some(("auto", _)) => DeviceSourceSetting::Auto,
+                Some(("udev", _)) => DeviceSourceSetting::Udev,
+                Some(("libvirt", _)) => DeviceSourceSetting::Libvirt,
+                Some((other, spanned)) => return Err(invalid(
+                    spanned.span(),
+                    format!(
+                        "device_source must be \"auto\", \"udev\" or \"libvirt\", not {other:?}"
+                    ),
+                )),
+            };
 
         let mut names = HashSet::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
@@ -110,6 +129,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             uri,
+            device_source,
             rules,
         })
     }
@@ -276,6 +296,7 @@ pub fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     uri: Option<Spanned<String>>,
+    device_source: Option<Spanned<String>>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
 }
