@@ -45,22 +45,23 @@ impl Config {
             Some(uri) => uri.into_inner(),
             None => DEFAULT_URI.to_string(),
         };
-        let device_source =
-            match raw
-                .device_source
-                .as_ref()
-                .map(|s| (s.get_ref().as_str(), s))
-            {
-                None | Some(("auto", _)) => DeviceSourceSetting::Auto,
-                Some(("udev", _)) => DeviceSourceSetting::Udev,
-                Some(("libvirt", _)) => DeviceSourceSetting::Libvirt,
-                Some((other, spanned)) => return Err(invalid(
+        let device_source = match raw
+            .device_source
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s))
+        {
+            None | Some(("auto", _)) => DeviceSourceSetting::Auto,
+            Some(("udev", _)) => DeviceSourceSetting::Udev,
+            Some(("libvirt", _)) => DeviceSourceSetting::Libvirt,
+            Some((other, spanned)) => {
+                return Err(invalid(
                     spanned.span(),
                     format!(
                         "device_source must be \"auto\", \"udev\" or \"libvirt\", not {other:?}"
                     ),
-                )),
-            };
+                ))
+            }
+        };
 
         let mut names = HashSet::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
