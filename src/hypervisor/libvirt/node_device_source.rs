@@ -6,8 +6,9 @@
 //! A device is listed once libvirt knows at least one of its interfaces: its own class
 //! is not reported, and only its interface tells a hub (never passed through) from the
 //! rest. The kernel adds the interfaces right after the device, and libvirt reports each
-//! as a node of its own; each one that arrives announces the device again with what is
-//! known. When the connection breaks the worker reports `SourceFailed`: the daemon
+//! as a node of its own: the notices that queue up while the worker reads one batch, so
+//! a device and its interfaces usually make one `DeviceAdded`; an interface that comes
+//! later announces the device again, complete. When the connection breaks the worker reports `SourceFailed`: the daemon
 //! cannot see that host's plugs any more, and stops (systemd restarts it, and the fresh
 //! daemon lists the devices again).
 
@@ -68,6 +69,40 @@ impl Known {
                 None
             }
         }
+    }
+
+    /// A node appeared: remembered; returns the name of the `usb_device` node it
+    /// concerns (itself, or an interface's parent), whose announcement is due.
+    fn created(&mut self, node: NodeDevice) -> Option<String> {
+        let device = match &node {
+            NodeDevice::UsbDevice(device) => device.name.clone(),
+            NodeDevice::UsbInterface(interface) => interface.parent.clone()?,
+            NodeDevice::Other { .. } => return None,
+        };
+        self.insert(node);
+        Some(device)
+    }
+
+    /// A node went: forgotten; the daemon's `DeviceRemoved` when it was a device.
+    ///
+    /// The kernel removes a device's interfaces before the device, so by then its
+    /// interface nodes are usually gone: the device's node alone names the instance (its
+    /// sysfs path and its bus and device number). A device never announced (no
+    /// interface yet) is unknown to the daemon, which ignores its removal.
+    fn deleted(&mut self, name: &str) -> Option<Event> {
+        let Some(node) = self.devices.remove(name) else {
+            self.interfaces.remove(name);
+            return None;
+        };
+        self.interfaces
+            .retain(|_, interface| interface.parent.as_deref() != Some(name));
+        Some(Event::DeviceRemoved {
+            syspath: node.sysfs_path?,
+            address: Some(BusAddress {
+                bus: node.bus,
+                device: node.device,
+            }),
+        })
     }
 
     fn all(&self) -> Vec<UsbDevice> {
@@ -229,85 +264,81 @@ struct Worker {
 
 impl Worker {
     fn run(self, notices: Receiver<NodeNotice>) {
-        for notice in notices {
+        let connection = self.connection;
+        let read = move |name: &str| read_node(&connection, name);
+        handle_notices(&notices, read, &self.known, &self.events, &self.uri);
+    }
+}
+
+/// A node's XML, parsed; None when it is gone already or unreadable.
+fn read_node(connection: &Connect, name: &str) -> Option<NodeDevice> {
+    let xml = match connection
+        .lookup_node_device_by_name(name)
+        .and_then(|node| node.xml_desc(0))
+    {
+        Ok(xml) => xml,
+        Err(error) => {
+            log::debug!("cannot read node device {name}: {}", error.message());
+            return None;
+        }
+    };
+    match parse_node_device(&xml) {
+        Ok(node) => Some(node),
+        Err(error) => {
+            log::warn!("{error}; ignoring node device {name}");
+            None
+        }
+    }
+}
+
+/// The worker's loop, until the notices end (the source is dropped) or the connection
+/// closes. What queues up while it works (a device and then its interfaces, each read
+/// with a round trip) is one batch: the daemon hears of each new device once, with the
+/// interfaces known by then, and removals in the order they came.
+fn handle_notices(
+    notices: &Receiver<NodeNotice>,
+    read: impl Fn(&str) -> Option<NodeDevice>,
+    known: &Mutex<Known>,
+    events: &Sender<Event>,
+    uri: &str,
+) {
+    while let Ok(first) = notices.recv() {
+        let mut due: Vec<(String, Instant)> = Vec::new();
+        let mut next = Some(first);
+        while let Some(notice) = next.take() {
             match notice {
-                NodeNotice::Created { name, received } => self.created(&name, received),
-                NodeNotice::Deleted { name } => self.deleted(&name),
+                NodeNotice::Created { name, received } => {
+                    if let Some(device) = read(&name).and_then(|node| lock(known).created(node)) {
+                        if !due.iter().any(|(due_name, _)| *due_name == device) {
+                            due.push((device, received));
+                        }
+                    }
+                }
+                NodeNotice::Deleted { name } => {
+                    due.retain(|(device, _)| *device != name);
+                    let removed = lock(known).deleted(&name);
+                    if let Some(event) = removed {
+                        let _ = events.send(event);
+                    }
+                }
                 NodeNotice::Closed { reason } => {
-                    let _ = self.events.send(Event::SourceFailed {
+                    let _ = events.send(Event::SourceFailed {
                         source: SOURCE_NAME,
-                        message: format!("connection to {} lost: {reason}", self.uri),
+                        message: format!("connection to {uri} lost: {reason}"),
                     });
                     return;
                 }
             }
+            next = notices.try_recv().ok();
         }
-    }
-
-    fn created(&self, name: &str, received: Instant) {
-        let xml = match self
-            .connection
-            .lookup_node_device_by_name(name)
-            .and_then(|node| node.xml_desc(0))
-        {
-            Ok(xml) => xml,
-            Err(error) => {
-                log::debug!("cannot read node device {name}: {}", error.message());
-                return;
-            }
-        };
-        let node = match parse_node_device(&xml) {
-            Ok(node) => node,
-            Err(error) => {
-                log::warn!("{error}; ignoring node device {name}");
-                return;
-            }
-        };
-        let device_name = match &node {
-            NodeDevice::UsbDevice(device) => device.name.clone(),
-            NodeDevice::UsbInterface(interface) => match &interface.parent {
-                Some(parent) => parent.clone(),
-                None => return,
-            },
-            NodeDevice::Other { .. } => return,
-        };
-        let device = {
-            let mut known = lock(&self.known);
-            known.insert(node);
-            known.usb_device(&device_name)
-        };
-        if let Some(device) = device {
-            let _ = self.events.send(Event::DeviceAdded { device, received });
-        }
-    }
-
-    fn deleted(&self, name: &str) {
-        let removed = {
-            let mut known = lock(&self.known);
-            // The kernel removes a device's interfaces before the device, so by now its
-            // interface nodes are usually gone: the node alone names the instance.
-            let removed = known.devices.remove(name);
-            if removed.is_some() {
-                known
-                    .interfaces
-                    .retain(|_, interface| interface.parent.as_deref() != Some(name));
-            } else {
-                known.interfaces.remove(name);
-            }
-            removed
-        };
-        // A device never announced (no interface yet) is unknown to the daemon, which
-        // ignores its removal.
-        if let Some(node) = removed {
-            if let Some(syspath) = node.sysfs_path {
-                let _ = self.events.send(Event::DeviceRemoved {
-                    syspath,
-                    address: Some(BusAddress {
-                        bus: node.bus,
-                        device: node.device,
-                    }),
-                });
+        let known = lock(known);
+        for (name, received) in due {
+            if let Some(device) = known.usb_device(&name) {
+                let _ = events.send(Event::DeviceAdded { device, received });
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
