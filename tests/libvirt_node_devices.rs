@@ -394,3 +394,51 @@ fn the_test_drivers_usb_node_devices_become_usb_devices() {
     assert!(source.is_watching());
     assert_eq!(source.enumerate().expect("enumerate"), devices);
 }
+
+#[test]
+fn the_daemon_waits_for_a_host_that_does_not_answer_and_stops_on_sigterm() {
+    let (directory, path) = rules_file(
+        "uri = \"qemu+unix:///system?socket=/nonexistent/usbpass-test-sock\"\n\
+         device_source = \"libvirt\"\n",
+    );
+    let state = directory.path().join("state.json");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_usbpass"))
+        .args([
+            "--config",
+            &path,
+            "--state",
+            state.to_str().unwrap(),
+            "daemon",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two attempts (0.5 s apart): it is still running, not exiting for systemd to
+    // restart in a tight loop.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+    let kill = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = daemon.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains(
+            "cannot list libvirt's node devices at \
+             qemu+unix:///system?socket=/nonexistent/usbpass-test-sock: "
+        ) && stderr.contains("; trying again in 0.5 s"),
+        "{stderr}"
+    );
+}

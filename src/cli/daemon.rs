@@ -14,7 +14,8 @@ use crate::model::UsbDevice;
 use crate::rules::Config;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
 pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
     // At start there are no previous rules to fall back on: a bad file is fatal.
@@ -30,10 +31,28 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         kind
     );
     let (sender, receiver) = mpsc::channel();
-    // The watcher starts before the first enumeration so that no plug falls between.
-    let devices = HostDevices::start(kind, &config.uri, sender.clone())?;
     watch::spawn_signal_thread(sender.clone())?;
+    // The watcher starts before the first enumeration so that no plug falls between.
+    let (devices, waited) = match kind {
+        SourceKind::Udev => {
+            usb::spawn_monitor(sender.clone())?;
+            (HostDevices::Udev(usb::UdevDeviceSource), false)
+        }
+        SourceKind::Libvirt => match open_node_devices(&config.uri, &sender, &receiver) {
+            Some((source, waited)) => (HostDevices::Libvirt(Box::new(source)), waited),
+            // SIGTERM while the host did not answer.
+            None => return Ok(ExitCode::SUCCESS),
+        },
+    };
     watch::spawn_config_watcher(config_path, sender.clone())?;
+    // The file may have changed while we waited for the host, unwatched.
+    let config = if waited {
+        let config = Config::load(config_path)?;
+        devices.accepts(&config)?;
+        config
+    } else {
+        config
+    };
     let options = DaemonOptions {
         config_path: config_path.to_path_buf(),
         state_path: state_path.to_path_buf(),
@@ -57,18 +76,39 @@ enum HostDevices {
     Libvirt(Box<LibvirtDeviceSource>),
 }
 
-impl HostDevices {
-    /// Starts the chosen source's watcher, which sends into `events`.
-    fn start(kind: SourceKind, uri: &str, events: Sender<Event>) -> Result<Self, CliError> {
-        Ok(match kind {
-            SourceKind::Udev => {
-                usb::spawn_monitor(events)?;
-                HostDevices::Udev(usb::UdevDeviceSource)
+/// The first and the longest wait between attempts to reach a host's node devices: the
+/// daemon's reconnect backoff.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
+/// libvirt's node devices at `uri`, tried again with backoff while the host does not
+/// answer: a remote host that is down when the daemon starts must not make it exit, or
+/// systemd would give up after a few quick restarts. Also returns whether it had to
+/// wait. None on SIGTERM or SIGINT meanwhile; SIGHUP has nothing to reload yet.
+fn open_node_devices(
+    uri: &str,
+    events: &Sender<Event>,
+    signals: &Receiver<Event>,
+) -> Option<(LibvirtDeviceSource, bool)> {
+    let mut delay = FIRST_RETRY;
+    let mut waited = false;
+    loop {
+        match LibvirtDeviceSource::open(uri, events.clone()) {
+            Ok(source) => return Some((source, waited)),
+            Err(error) => log::warn!("{error}; trying again in {:.1} s", delay.as_secs_f64()),
+        }
+        waited = true;
+        let deadline = Instant::now() + delay;
+        loop {
+            match signals.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Event::Terminate) => return None,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => break,
+                // We hold a sender ourselves: never.
+                Err(RecvTimeoutError::Disconnected) => return None,
             }
-            SourceKind::Libvirt => {
-                HostDevices::Libvirt(Box::new(LibvirtDeviceSource::open(uri, events)?))
-            }
-        })
+        }
+        delay = (delay * 2).min(LONGEST_RETRY);
     }
 }
 

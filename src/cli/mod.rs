@@ -12,7 +12,7 @@ mod table;
 
 use crate::daemon::watch::WatchError;
 use crate::daemon::DaemonError;
-use crate::host::select::{self, RuleNeedsWhatSourceLacks, SourceKind};
+use crate::host::select::{self, RuleNeedsWhatSourceLacks, SourceKind, SourceRefusal};
 use crate::host::udev::{self as usb, UsbError};
 use crate::host::HostError;
 use crate::hypervisor::libvirt::{self, LibvirtError};
@@ -45,6 +45,8 @@ pub enum CliError {
     ListHostDevices(#[from] HostError),
     #[error(transparent)]
     RefuseRules(#[from] RuleNeedsWhatSourceLacks),
+    #[error(transparent)]
+    RefuseSource(#[from] SourceRefusal),
     #[error(transparent)]
     ResolveDevice(#[from] ResolveError),
     #[error(transparent)]
