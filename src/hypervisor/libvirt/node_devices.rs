@@ -17,7 +17,8 @@
 //! Not reported: the serial number, the device's own class (`bDeviceClass`), and which
 //! of the two the vendor and product texts are. The port path and the parent hub are
 //! the kernel name, the last component of `<path>`, and its prefix; that a device is a
-//! hub follows from its interface (class 09 is used by hubs and only by hubs).
+//! hub follows from its interface (the USB specification gives a hub's interface class
+//! 09, and no other device's).
 
 use crate::model::port::{is_usb_device_name, parent_hub_of};
 use crate::model::{InterfaceClass, UsbDevice, HUB_CLASS};
