@@ -1,21 +1,28 @@
-//! `usbpass daemon`: the wiring of the daemon's loop to the real event sources (udev,
-//! libvirt, signals, the rules file) and to systemd.
+//! `usbpass daemon`: the wiring of the daemon's loop to the real event sources (udev or
+//! libvirt's node devices, libvirt, signals, the rules file) and to systemd.
 
 use super::CliError;
 use crate::daemon::lock::{remove_leftover_temporaries, DaemonLock};
 use crate::daemon::{notify, watch};
 use crate::daemon::{Daemon, DaemonOptions};
+use crate::event::Event;
+use crate::host::select::{self, SourceKind, SourceRefusal};
 use crate::host::udev as usb;
+use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::libvirt;
+use crate::hypervisor::libvirt::node_device_source::LibvirtDeviceSource;
+use crate::model::UsbDevice;
 use crate::rules::Config;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
 pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
     // At start there are no previous rules to fall back on: a bad file is fatal.
     let config = Config::load(config_path)?;
+    let kind = select::choose(config.device_source, &config.uri);
+    select::check_rules(&config, kind)?;
     // Before anything is watched or written: a second daemon must leave the first one's
     // hostdevs and state file alone.
     let _lock = DaemonLock::acquire(state_path, &config.uri)?;
@@ -24,17 +31,36 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         remove_leftover_temporaries(state_directory, Duration::from_secs(60));
     }
     log::info!(
-        "usbpass {} starting: {} rules from {}, libvirt {}",
+        "usbpass {} starting: {} rules from {}, libvirt {}, usb devices from {}",
         env!("CARGO_PKG_VERSION"),
         config.rules.len(),
         config_path.display(),
-        config.uri
+        config.uri,
+        kind
     );
     let (sender, receiver) = mpsc::channel();
-    // The monitor starts before the first enumeration so that no plug falls between.
-    usb::spawn_monitor(sender.clone())?;
     watch::spawn_signal_thread(sender.clone())?;
+    // The watcher starts before the first enumeration so that no plug falls between.
+    let (devices, waited) = match kind {
+        SourceKind::Udev => {
+            usb::spawn_monitor(sender.clone())?;
+            (HostDevices::Udev(usb::UdevDeviceSource), false)
+        }
+        SourceKind::Libvirt => match open_node_devices(&config.uri, &sender, &receiver) {
+            Some((source, waited)) => (HostDevices::Libvirt(Box::new(source)), waited),
+            // SIGTERM while the host did not answer.
+            None => return Ok(ExitCode::SUCCESS),
+        },
+    };
     watch::spawn_config_watcher(config_path, sender.clone())?;
+    // The file may have changed while we waited for the host, unwatched.
+    let config = if waited {
+        let config = Config::load(config_path)?;
+        devices.accepts(&config)?;
+        config
+    } else {
+        config
+    };
     let options = DaemonOptions {
         config_path: config_path.to_path_buf(),
         state_path: state_path.to_path_buf(),
@@ -42,7 +68,7 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
     };
     let mut daemon = Daemon::new(
         libvirt::LibvirtConnector,
-        usb::UdevDeviceSource,
+        devices,
         config,
         options,
         sender,
@@ -50,4 +76,62 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
     );
     daemon.run()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's device source, as `host::select` chose it at start.
+enum HostDevices {
+    Udev(usb::UdevDeviceSource),
+    Libvirt(Box<LibvirtDeviceSource>),
+}
+
+/// The first and the longest wait between attempts to reach a host's node devices: the
+/// daemon's reconnect backoff.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LONGEST_RETRY: Duration = Duration::from_secs(30);
+
+/// libvirt's node devices at `uri`, tried again with backoff while the host does not
+/// answer: a remote host that is down when the daemon starts must not make it exit, or
+/// systemd would give up after a few quick restarts. Also returns whether it had to
+/// wait. None on SIGTERM or SIGINT meanwhile; SIGHUP has nothing to reload yet.
+fn open_node_devices(
+    uri: &str,
+    events: &Sender<Event>,
+    signals: &Receiver<Event>,
+) -> Option<(LibvirtDeviceSource, bool)> {
+    let mut delay = FIRST_RETRY;
+    let mut waited = false;
+    loop {
+        match LibvirtDeviceSource::open(uri, events.clone()) {
+            Ok(source) => return Some((source, waited)),
+            Err(error) => log::warn!("{error}; trying again in {:.1} s", delay.as_secs_f64()),
+        }
+        waited = true;
+        let deadline = Instant::now() + delay;
+        loop {
+            match signals.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Event::Terminate) => return None,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => break,
+                // We hold a sender ourselves: never.
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+        delay = (delay * 2).min(LONGEST_RETRY);
+    }
+}
+
+impl DeviceSource for HostDevices {
+    fn enumerate(&mut self) -> Result<Vec<UsbDevice>, HostError> {
+        match self {
+            HostDevices::Udev(source) => source.enumerate(),
+            HostDevices::Libvirt(source) => source.enumerate(),
+        }
+    }
+
+    fn accepts(&self, config: &Config) -> Result<(), SourceRefusal> {
+        match self {
+            HostDevices::Udev(source) => source.accepts(config),
+            HostDevices::Libvirt(source) => source.accepts(config),
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 pub fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
-    let (device, devices) = resolve_device(spec)?;
+    let (device, devices) = resolve_device(&config, spec)?;
     if device.is_hub() {
         return Err(CliError::AttachHub {
             device: Box::new(device),
@@ -68,7 +68,7 @@ pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (device, devices) = resolve_device(spec)?;
+    let (device, devices) = resolve_device(&config, spec)?;
     let plan = reconcile::plan(&config, &devices, &domains);
     let placement = plan
         .placements

@@ -1,9 +1,8 @@
 //! The read-only commands: `usbpass list`, `usbpass rules` and `usbpass status`.
 
 use super::table::{print_table, printable, where_is};
-use super::{load_config_for_reading, running_domains, CliError};
+use super::{load_config_for_reading, present_devices, running_domains, CliError};
 use crate::daemon::state::DaemonState;
-use crate::host::udev as usb;
 use crate::hypervisor::libvirt;
 use crate::model::UsbDevice;
 use crate::reconcile::{self, Placement};
@@ -13,7 +12,7 @@ use std::process::ExitCode;
 
 pub fn list(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
-    let devices = usb::enumerate()?;
+    let devices = present_devices(&config)?;
     let domains = running_domains(&config.uri);
     let known = domains.is_some();
     let plan = reconcile::plan(&config, &devices, domains.as_deref().unwrap_or(&[]));
@@ -61,7 +60,7 @@ pub fn list(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
 
 pub fn rules(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
-    let devices = usb::enumerate()?;
+    let devices = present_devices(&config)?;
     #[derive(serde::Serialize)]
     struct RuleNow<'a> {
         rule: &'a crate::rules::Rule,

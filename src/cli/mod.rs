@@ -12,7 +12,9 @@ mod table;
 
 use crate::daemon::watch::WatchError;
 use crate::daemon::DaemonError;
+use crate::host::select::{self, RuleNeedsWhatSourceLacks, SourceKind, SourceRefusal};
 use crate::host::udev::{self as usb, UsbError};
+use crate::host::HostError;
 use crate::hypervisor::libvirt::{self, LibvirtError};
 use crate::hypervisor::{DomainView, Hypervisor, HypervisorError};
 use crate::model::alias::{AliasError, HostdevAlias};
@@ -39,6 +41,12 @@ pub enum CliError {
     WriteRules(#[from] AtomicWriteError),
     #[error(transparent)]
     ListDevices(#[from] UsbError),
+    #[error(transparent)]
+    ListHostDevices(#[from] HostError),
+    #[error(transparent)]
+    RefuseRules(#[from] RuleNeedsWhatSourceLacks),
+    #[error(transparent)]
+    RefuseSource(#[from] SourceRefusal),
     #[error(transparent)]
     ResolveDevice(#[from] ResolveError),
     #[error(transparent)]
@@ -153,8 +161,18 @@ fn connect(uri: &str) -> Result<libvirt::LibvirtHypervisor, CliError> {
     Ok(libvirt::connect(uri, sender)?)
 }
 
-fn resolve_device(spec: &str) -> Result<(UsbDevice, Vec<UsbDevice>), CliError> {
-    let devices = usb::enumerate()?;
+/// The USB devices present now, read where the daemon reads them for these rules
+/// (`host::select`): this machine's udev, or libvirt's node devices on the host the uri
+/// reaches. What the CLI shows and resolves is what the daemon sees.
+fn present_devices(config: &Config) -> Result<Vec<UsbDevice>, CliError> {
+    match select::choose(config.device_source, &config.uri) {
+        SourceKind::Udev => Ok(usb::enumerate()?),
+        SourceKind::Libvirt => Ok(libvirt::node_device_source::list_usb_devices(&config.uri)?),
+    }
+}
+
+fn resolve_device(config: &Config, spec: &str) -> Result<(UsbDevice, Vec<UsbDevice>), CliError> {
+    let devices = present_devices(config)?;
     let device = device_spec::resolve(&device_spec::parse_device_spec(spec)?, &devices)?.clone();
     Ok((device, devices))
 }

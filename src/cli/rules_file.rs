@@ -3,20 +3,25 @@
 //! `usbpass check`.
 
 use super::{resolve_device, CliError};
+use crate::host::select;
 use crate::rules::edit::{self as rules_edit, AssignBy, UnassignTarget};
 use crate::rules::{Config, ConfigError};
 use crate::util::atomic_file;
 use std::path::Path;
 use std::process::ExitCode;
 
-/// `usbpass check`: the rules file parses and validates.
+/// `usbpass check`: the rules file parses and validates, and the device source it
+/// selects can serve every rule (the daemon refuses the same file the same way).
 pub fn check(config_path: &Path) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
+    let source = select::choose(config.device_source, &config.uri);
+    select::check_rules(&config, source)?;
     println!(
-        "{}: ok, {} rules, libvirt uri {}",
+        "{}: ok, {} rules, libvirt uri {}, usb devices from {}",
         config_path.display(),
         config.rules.len(),
-        config.uri
+        config.uri,
+        source
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -54,9 +59,13 @@ pub fn assign(
     vm: &str,
     by: AssignBy,
 ) -> Result<ExitCode, CliError> {
-    let (device, _) = resolve_device(spec)?;
     let text = read_rules_text(config_path, true)?;
+    let config = Config::parse(&text, config_path)?;
+    let (device, _) = resolve_device(&config, spec)?;
     let edit = rules_edit::assign(&text, config_path, &device, vm, by)?;
+    // A rule the daemon's device source cannot serve is not written.
+    let edited = Config::parse(&edit.text, config_path)?;
+    select::check_rules(&edited, select::choose(edited.device_source, &edited.uri))?;
     write_rules_edit(config_path, edit)
 }
 
@@ -66,7 +75,7 @@ pub fn unassign(config_path: &Path, target: &str) -> Result<ExitCode, CliError> 
     let edit = if config.rules.iter().any(|rule| rule.name == target) {
         rules_edit::unassign(&text, config_path, UnassignTarget::Rule(target))?
     } else {
-        let (device, devices) = resolve_device(target)?;
+        let (device, devices) = resolve_device(&config, target)?;
         rules_edit::unassign(
             &text,
             config_path,

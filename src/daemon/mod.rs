@@ -375,6 +375,11 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
         match Config::load(&self.options.config_path) {
             Ok(config) => {
+                // Rules the device source cannot serve are refused like a broken file.
+                if let Err(refusal) = self.device_source.accepts(&config) {
+                    self.refuse_config(refusal.to_string());
+                    return;
+                }
                 if forced || config != self.config {
                     log::info!(
                         "rules reloaded from {}: {} rules",
@@ -394,14 +399,16 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             // A file mid-save can be briefly absent; the final write brings another event.
             Err(ConfigError::ReadFile { source, .. })
                 if !forced && source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                let message = error.to_string();
-                if self.config_error.as_deref() != Some(message.as_str()) {
-                    log::error!("{message}; keeping the previous rules");
-                }
-                self.config_error = Some(message);
-            }
+            Err(error) => self.refuse_config(error.to_string()),
         }
+    }
+
+    /// Keeps the previous rules in force and says why, once per distinct reason.
+    fn refuse_config(&mut self, message: String) {
+        if self.config_error.as_deref() != Some(message.as_str()) {
+            log::error!("{message}; keeping the previous rules");
+        }
+        self.config_error = Some(message);
     }
 
     fn drop_connection(&mut self, reason: String) {

@@ -88,6 +88,10 @@ impl DeviceSource for UdevDeviceSource {
     fn enumerate(&mut self) -> Result<Vec<UsbDevice>, HostError> {
         enumerate().map_err(|source| HostError::EnumerateThroughUdev { source })
     }
+
+    fn accepts(&self, config: &crate::rules::Config) -> Result<(), super::select::SourceRefusal> {
+        super::select::accepts(config, super::select::SourceKind::Udev, &config.uri)
+    }
 }
 
 fn is_usb_device(device: &udev::Device) -> bool {

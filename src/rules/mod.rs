@@ -233,11 +233,35 @@ pub enum RuleChoice<'a> {
     Undecided,
 }
 
+/// Where the daemon and the CLI read the host's USB devices from: the rules file's
+/// `device_source` key. `host::select` turns it and the uri into the one source used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSourceSetting {
+    /// udev when the uri reaches the libvirtd of this machine, libvirt's node devices
+    /// otherwise.
+    #[default]
+    Auto,
+    Udev,
+    Libvirt,
+}
+
+impl DeviceSourceSetting {
+    /// The word for it in the rules file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceSourceSetting::Auto => "auto",
+            DeviceSourceSetting::Udev => "udev",
+            DeviceSourceSetting::Libvirt => "libvirt",
+        }
+    }
+}
+
 /// A parsed, validated rules file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub path: PathBuf,
     pub uri: String,
+    pub device_source: DeviceSourceSetting,
     pub rules: Vec<Rule>,
 }
 
@@ -278,6 +302,7 @@ impl Config {
         Config {
             path: PathBuf::from("<memory>"),
             uri: DEFAULT_URI.to_string(),
+            device_source: DeviceSourceSetting::Auto,
             rules,
         }
     }

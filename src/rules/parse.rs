@@ -2,7 +2,8 @@
 //! error pointing at its file:line:column, and the validation of each rule's keys.
 
 use super::{
-    ClassPattern, Config, ConfigError, GiveBack, Matcher, ReconnectMode, Rule, DEFAULT_URI,
+    ClassPattern, Config, ConfigError, DeviceSourceSetting, GiveBack, Matcher, ReconnectMode, Rule,
+    DEFAULT_URI,
 };
 use crate::model::port::{is_port_path, is_usb_device_name};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -43,6 +44,23 @@ impl Config {
             }
             Some(uri) => uri.into_inner(),
             None => DEFAULT_URI.to_string(),
+        };
+        let device_source = match raw
+            .device_source
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s))
+        {
+            None | Some(("auto", _)) => DeviceSourceSetting::Auto,
+            Some(("udev", _)) => DeviceSourceSetting::Udev,
+            Some(("libvirt", _)) => DeviceSourceSetting::Libvirt,
+            Some((other, spanned)) => {
+                return Err(invalid(
+                    spanned.span(),
+                    format!(
+                        "device_source must be \"auto\", \"udev\" or \"libvirt\", not {other:?}"
+                    ),
+                ))
+            }
         };
 
         let mut names = HashSet::new();
@@ -128,6 +146,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             uri,
+            device_source,
             rules,
         })
     }
@@ -294,6 +313,7 @@ pub fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     uri: Option<Spanned<String>>,
+    device_source: Option<Spanned<String>>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
 }

@@ -27,4 +27,14 @@ SCENARIOS = [
     Scenario(13, "usbpass-qemu-wrapper-replug-without-daemon"),
     Scenario(14, "flapping-10-plugs-1s-apart-each-attached-in-time", optional=True),
     Scenario(15, "storm-40-irregular-plugs-ends-with-one-hostdev", optional=True),
+    # Faults (issue 9, RELIABILITY.md): the device's final place is read from the guest's
+    # own info usb and the live XML, and the daemon's log is searched for detaches of a
+    # present device and attaches of an attached one.
+    Scenario(16, "fault-rules-file-saved-5-ways-while-attached-no-detach"),
+    Scenario(17, "fault-second-daemon-refused-first-undisturbed"),
+    Scenario(18, "fault-libvirtd-down-unplug-during-outage-replug-after"),
+    Scenario(19, "fault-daemon-kill-9-within-50ms-of-plug"),
+    Scenario(20, "fault-stopped-vm-qemu-does-not-delay-another-vm"),
+    Scenario(21, "fault-vm-defined-from-dump-with-device-starts-without-it"),
+    Scenario(22, "fault-storm-44-irregular-plugs-ends-in-guest-one-hostdev"),
 ]

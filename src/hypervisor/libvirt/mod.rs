@@ -5,6 +5,9 @@
 
 mod events;
 pub mod failure;
+mod node_device_events;
+pub mod node_device_source;
+pub mod node_devices;
 pub mod xml;
 
 use xml::{build_usb_hostdev, parse_usb_hostdevs};
