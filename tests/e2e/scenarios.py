@@ -37,4 +37,5 @@ SCENARIOS = [
     Scenario(20, "fault-stopped-vm-qemu-does-not-delay-another-vm"),
     Scenario(21, "fault-vm-defined-from-dump-with-device-starts-without-it"),
     Scenario(22, "fault-storm-44-irregular-plugs-ends-in-guest-one-hostdev"),
+    Scenario(23, "node-device-source-plug-unplug-replug"),
 ]
