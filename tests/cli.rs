@@ -117,7 +117,7 @@ fn a_broken_state_file_is_reported_not_trusted() {
     assert!(!output.status.success());
     let text = stdout(&output);
     assert!(
-        text.contains("has format 99, this usbpass reads format 1"),
+        text.contains("has format 99, this usbpass reads format 2"),
         "{text}"
     );
 }

@@ -105,6 +105,12 @@ fn list_shows_every_device_with_rule_and_place() {
         .unwrap();
     assert_eq!(receiver["rule"], "receiver");
     assert_eq!(receiver["wanted_vm"], "test");
+    // IDs the way users type them, and hubs marked.
+    assert_eq!(receiver["device"]["id"], "046d:c52b");
+    assert_eq!(receiver["device"]["hub"], false);
+    assert!(devices
+        .iter()
+        .any(|d| d["device"]["hub"] == true && d["device"]["class"] == "09"));
 }
 
 #[test]

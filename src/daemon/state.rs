@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_STATE_PATH: &str = "/run/usbpass/state.json";
 /// Bumped when a field changes meaning, so an old CLI can say so instead of misreading.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

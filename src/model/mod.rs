@@ -3,6 +3,7 @@
 
 pub mod alias;
 pub mod port;
+mod wire;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -11,15 +12,20 @@ use std::fmt;
 pub const HUB_CLASS: u8 = 0x09;
 
 /// One interface's class triple, as in `bInterfaceClass:bInterfaceSubClass:bInterfaceProtocol`.
+/// In JSON it is written the way rules and lsusb spell it: `"03:01:01"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct InterfaceClass {
     pub class: u8,
     pub subclass: u8,
     pub protocol: u8,
 }
 
-/// A present USB device (udev's `usb_device`, not its interfaces).
+/// A present USB device (udev's `usb_device`, not its interfaces). In JSON (`--json`,
+/// the state file) its IDs and classes are hex text the way users type them, and it
+/// says whether it is a hub; see `wire`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "wire::UsbDeviceJson", try_from = "wire::UsbDeviceJson")]
 pub struct UsbDevice {
     /// The sysfs path, the key that `remove` events carry.
     pub syspath: String,
@@ -47,7 +53,6 @@ pub struct UsbDevice {
     /// that; a hotplugged device is known from its uevent at once and its strings
     /// follow. Until then a rule that needs the serial can neither match it nor be
     /// passed over.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strings_pending: bool,
 }
 
@@ -104,8 +109,9 @@ impl fmt::Display for BusAddress {
     }
 }
 
-/// `vendor:product`, printed as four hex digits each.
+/// `vendor:product`, printed as four hex digits each; in JSON too (`"046d:c52b"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct UsbId {
     pub vendor: u16,
     pub product: u16,
