@@ -163,7 +163,7 @@ fn device_errors_are_one_line() {
     }
     let cli = Cli::new(START);
     assert_eq!(
-        cli.fails(&["assign", "dead:beef", "lab"]),
+        cli.fails(&["assign", "dead:beef", "lab", "--by", "serial"]),
         "usbpass: no present usb device matches \"dead:beef\""
     );
     let error = cli.fails(&["attach", "1-2", "test"]);
@@ -183,5 +183,53 @@ fn device_errors_are_one_line() {
     assert_eq!(
         error,
         "usbpass: device 046d:c52b at 001:006 (port 1-2.3) is on the host, not in any running vm"
+    );
+}
+
+#[test]
+fn assign_ahead_of_the_plug_and_to_an_unknown_vm_says_so() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(START);
+    // No rules yet: `rules` says so and how to add one, instead of printing nothing.
+    let empty = cli.ok(&["rules"]);
+    assert!(empty.contains("no rules yet"), "{empty}");
+    assert!(empty.contains("usbpass assign DEVICE VM"), "{empty}");
+
+    // A model that is not plugged in: the rule is written, and the user is told that
+    // nothing matches yet. The VM is the test driver's own, so no warning.
+    let output = cli.run(&["assign", "1234:5678", "test"]);
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        said.contains("sends any 1234:5678 device to test"),
+        "{said}"
+    );
+    assert!(
+        said.contains("nothing plugged in matches 1234:5678 yet"),
+        "{said}"
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(cli.rules_text().contains("id = \"1234:5678\""));
+
+    // One device by address must be present to be told apart.
+    assert_eq!(
+        cli.fails(&["assign", "9:99", "test"]),
+        "usbpass: no present usb device matches \"9:99\""
+    );
+
+    // A VM libvirt does not know: written (it may be defined later), with a warning
+    // naming the VMs that are defined.
+    let output = cli.run(&["assign", "046d:c52b", "tset"]);
+    assert!(output.status.success());
+    let warning = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(
+        warning.trim_end(),
+        "usbpass: warning: no vm named \"tset\" is defined at test:///default; defined vms: test"
     );
 }

@@ -82,6 +82,13 @@ pub fn rules(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if report.is_empty() {
+        println!(
+            "{}: no rules yet, so usbpass moves nothing; add one with `usbpass assign DEVICE VM` \
+             (`usbpass list` shows the devices), or see `usbpass default-config` for examples",
+            config_path.display()
+        );
+    }
     for entry in &report {
         let rule = entry.rule;
         println!(

@@ -2,8 +2,11 @@
 //! (edits kept with comments and order, validated, then written atomically), and
 //! `usbpass check`.
 
-use super::{resolve_device, CliError};
+use super::device_spec::{self, ResolveError, SpecKind};
+use super::{present_devices, resolve_device, CliError};
 use crate::host::select;
+use crate::hypervisor::libvirt;
+use crate::model::{UsbDevice, UsbId};
 use crate::rules::edit::{self as rules_edit, AssignBy, UnassignTarget};
 use crate::rules::{Config, ConfigError};
 use crate::util::atomic_file;
@@ -61,12 +64,50 @@ pub fn assign(
 ) -> Result<ExitCode, CliError> {
     let text = read_rules_text(config_path, true)?;
     let config = Config::parse(&text, config_path)?;
-    let (device, _) = resolve_device(&config, spec)?;
+    let spec = device_spec::parse_device_spec(spec)?;
+    let devices = present_devices(&config)?;
+    // A model or a port can be given a VM before anything is plugged in; one device
+    // (a bus address, a serial) has to be present to be told apart.
+    let (device, absent) = match device_spec::resolve(&spec, &devices) {
+        Ok(device) => (device.clone(), false),
+        Err(ResolveError::FindDevice { .. }) => match (&spec.kind, by) {
+            (SpecKind::Id(id), AssignBy::Id) => (UsbDevice::not_plugged_in(*id, ""), true),
+            (SpecKind::Port(port), AssignBy::Port) => {
+                (UsbDevice::not_plugged_in(UsbId::default(), port), true)
+            }
+            _ => return Err(device_spec::resolve(&spec, &devices).unwrap_err().into()),
+        },
+        Err(error) => return Err(error.into()),
+    };
     let edit = rules_edit::assign(&text, config_path, &device, vm, by)?;
     // A rule the daemon's device source cannot serve is not written.
     let edited = Config::parse(&edit.text, config_path)?;
     select::check_rules(&edited, select::choose(edited.device_source, &edited.uri))?;
-    write_rules_edit(config_path, edit)
+    let uri = edited.uri.clone();
+    let code = write_rules_edit(config_path, edit)?;
+    if absent {
+        println!("nothing plugged in matches {spec} yet: the rule applies when it is");
+    }
+    warn_if_vm_unknown(&uri, vm);
+    Ok(code)
+}
+
+/// A VM name libvirt does not know is most likely a typo that would never match: say
+/// so, with the names it does know. The rule is written all the same (the VM may be
+/// defined later).
+fn warn_if_vm_unknown(uri: &str, vm: &str) {
+    match libvirt::defined_domain_names(uri) {
+        Ok(names) if names.iter().any(|name| name == vm) => {}
+        Ok(names) => eprintln!(
+            "usbpass: warning: no vm named {vm:?} is defined at {uri}; defined vms: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ),
+        Err(error) => eprintln!("usbpass: warning: cannot check that vm {vm:?} exists: {error}"),
+    }
 }
 
 pub fn unassign(config_path: &Path, target: &str) -> Result<ExitCode, CliError> {

@@ -57,6 +57,28 @@ pub struct UsbDevice {
 }
 
 impl UsbDevice {
+    /// A device that is not plugged in, known only by its ID or its port: what `usbpass
+    /// assign` writes a rule for ahead of the plug.
+    pub fn not_plugged_in(id: UsbId, port_path: &str) -> UsbDevice {
+        UsbDevice {
+            syspath: String::new(),
+            bus: 0,
+            devnum: 0,
+            vendor_id: id.vendor,
+            product_id: id.product,
+            serial: None,
+            port_path: port_path.to_string(),
+            parent_hub: None,
+            device_class: 0,
+            interface_classes: Vec::new(),
+            manufacturer: None,
+            product: None,
+            vendor_from_database: None,
+            model_from_database: None,
+            strings_pending: false,
+        }
+    }
+
     pub fn is_hub(&self) -> bool {
         self.device_class == HUB_CLASS
     }
@@ -110,7 +132,9 @@ impl fmt::Display for BusAddress {
 }
 
 /// `vendor:product`, printed as four hex digits each; in JSON too (`"046d:c52b"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(into = "String", try_from = "String")]
 pub struct UsbId {
     pub vendor: u16,

@@ -217,6 +217,13 @@ pub fn assign(
     let current =
         Config::parse(text, path).map_err(|source| RulesEditError::LoadCurrent { source })?;
     let keys = matcher_keys(device, by)?;
+    // What the message calls the device: one that is not plugged in is only its ID or
+    // its port.
+    let device_text = match (device.syspath.is_empty(), by) {
+        (false, _) => device.to_string(),
+        (true, AssignBy::Port) => format!("whatever is plugged into port {}", device.port_path),
+        (true, _) => format!("any {} device", device.id()),
+    };
     let mut document = parse_document(text, path)?;
     let rules = rules_mut(&mut document, path)?;
 
@@ -233,7 +240,7 @@ pub fn assign(
             .unwrap_or_default()
             .to_string();
         let summary = format!(
-            "rule {rule:?} now sends {device} to {}",
+            "rule {rule:?} now sends {device_text} to {}",
             names.join(", then ")
         );
         (rule, summary)
@@ -253,7 +260,7 @@ pub fn assign(
         for table in tables {
             rules.push(table);
         }
-        let summary = format!("new rule {rule:?} sends {device} to {vm}");
+        let summary = format!("new rule {rule:?} sends {device_text} to {vm}");
         (rule, summary)
     };
     let text = document.to_string();

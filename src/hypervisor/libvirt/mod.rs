@@ -208,6 +208,31 @@ pub fn is_reachable(uri: &str) -> Result<(), LibvirtError> {
     Ok(())
 }
 
+/// The names of every domain defined at `uri`, running or not, sorted: for the CLI's
+/// check that a rule names a VM libvirt knows. Read-only, like `is_reachable`.
+pub fn defined_domain_names(uri: &str) -> Result<Vec<String>, LibvirtError> {
+    virt::error::clear_error_callback();
+    let connection =
+        Connect::open_read_only(Some(uri)).map_err(|source| LibvirtError::Connect {
+            uri: uri.to_string(),
+            failure: LibvirtFailure::from_error(&source),
+            source,
+        })?;
+    let domains = connection
+        .list_all_domains(0)
+        .map_err(|source| LibvirtError::Probe {
+            uri: uri.to_string(),
+            failure: LibvirtFailure::from_error(&source),
+            source,
+        })?;
+    let mut names: Vec<String> = domains
+        .iter()
+        .filter_map(|domain| domain.name().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Whether `uri` reaches libvirt through a local unix socket (or in-process), so that
 /// the kernel reports a dead peer. `driver[+transport]://[host]/path`: no transport and
 /// no host, or the `unix` transport, is local; `ssh`, `libssh`, `libssh2`, `tcp`, `tls`,
