@@ -5,6 +5,8 @@
 use super::{InterfaceClass, UsbDevice, UsbId};
 use serde::{Deserialize, Serialize};
 
+// Every variant is a parse that failed, named after it as crosvm names errors.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("{text:?} is not a usb id (vvvv:pppp, hex)")]
