@@ -69,6 +69,29 @@ impl SysfsUsb {
         self.root.join("bus/usb/devices")
     }
 
+    /// The kernel drivers bound to the device's interfaces, as (interface, driver), by
+    /// interface name: `usbhid`, `usb-storage`, or `usbfs` when a program (QEMU) has
+    /// claimed it through its device node. An interface with no driver is left out.
+    pub fn interface_drivers(&self, port_path: &str) -> Vec<(String, String)> {
+        let prefix = format!("{port_path}:");
+        let Ok(entries) = fs::read_dir(self.devices_dir()) else {
+            return Vec::new();
+        };
+        let mut drivers: Vec<(String, String)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_str()?.to_string();
+                if !name.starts_with(&prefix) {
+                    return None;
+                }
+                let driver = fs::read_link(entry.path().join("driver")).ok()?;
+                Some((name, driver.file_name()?.to_str()?.to_string()))
+            })
+            .collect();
+        drivers.sort();
+        drivers
+    }
+
     /// Every USB device (not interface) in the tree, in directory order.
     pub fn devices(&self) -> Result<Vec<UsbDevice>, SysfsUsbError> {
         let dir = self.devices_dir();
@@ -416,5 +439,42 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, SysfsUsbError::ListDevices { .. }));
         assert!(error.to_string().contains("bus/usb/devices"));
+    }
+}
+
+#[cfg(test)]
+mod driver_tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn interface_drivers_are_read_from_the_driver_links_of_that_device_only() {
+        let root = tempfile::tempdir().unwrap();
+        let links = root.path().join("bus/usb/devices");
+        fs::create_dir_all(&links).unwrap();
+        let drivers = root.path().join("bus/usb/drivers");
+        for (interface, driver) in [
+            ("1-2:1.0", Some("usbhid")),
+            ("1-2:1.1", Some("usbfs")),
+            ("1-2:1.2", None),
+            ("1-2.3:1.0", Some("usb-storage")),
+        ] {
+            let directory = root.path().join("devices").join(interface);
+            fs::create_dir_all(&directory).unwrap();
+            if let Some(driver) = driver {
+                fs::create_dir_all(drivers.join(driver)).unwrap();
+                symlink(drivers.join(driver), directory.join("driver")).unwrap();
+            }
+            symlink(&directory, links.join(interface)).unwrap();
+        }
+        let sysfs = SysfsUsb::new(root.path());
+        assert_eq!(
+            sysfs.interface_drivers("1-2"),
+            [
+                ("1-2:1.0".to_string(), "usbhid".to_string()),
+                ("1-2:1.1".to_string(), "usbfs".to_string())
+            ]
+        );
+        assert!(sysfs.interface_drivers("1-9").is_empty());
     }
 }

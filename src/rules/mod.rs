@@ -2,6 +2,7 @@
 //! devices against rules.
 
 pub mod edit;
+pub mod explain;
 mod parse;
 
 pub use parse::line_and_column;

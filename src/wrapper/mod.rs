@@ -7,6 +7,7 @@
 //! `udev` (the wrapper must link neither): sysfs and the rules file are read directly.
 
 pub mod emulator;
+pub mod host_settings;
 mod policy;
 pub mod qemu_args;
 mod settings;

@@ -8,6 +8,7 @@ pub mod failure;
 mod node_device_events;
 pub mod node_device_source;
 pub mod node_devices;
+pub mod usb_ports;
 pub mod xml;
 
 use xml::{build_usb_hostdev, parse_usb_hostdevs};
@@ -231,6 +232,53 @@ pub fn defined_domain_names(uri: &str) -> Result<Vec<String>, LibvirtError> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// One defined domain as `usbpass why` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DomainSummary {
+    pub name: String,
+    pub running: bool,
+    /// For a running domain, its USB ports from the live XML.
+    pub usb_ports: Option<usb_ports::UsbPortUsage>,
+}
+
+/// Every domain defined at `uri`, running or not, with the USB ports of those running.
+/// Read-only, like `is_reachable`.
+pub fn domain_summaries(uri: &str) -> Result<Vec<DomainSummary>, LibvirtError> {
+    virt::error::clear_error_callback();
+    let probe_error = |source: virt::error::Error| LibvirtError::Probe {
+        uri: uri.to_string(),
+        failure: LibvirtFailure::from_error(&source),
+        source,
+    };
+    let connection =
+        Connect::open_read_only(Some(uri)).map_err(|source| LibvirtError::Connect {
+            uri: uri.to_string(),
+            failure: LibvirtFailure::from_error(&source),
+            source,
+        })?;
+    let mut summaries = Vec::new();
+    for domain in connection.list_all_domains(0).map_err(probe_error)? {
+        // A domain undefined since the listing is simply left out.
+        let Ok(name) = domain.name() else { continue };
+        let running = domain.is_active().unwrap_or(false);
+        let usb_ports = if running {
+            domain
+                .xml_desc(0)
+                .ok()
+                .and_then(|xml| usb_ports::usb_port_usage(&xml).ok())
+        } else {
+            None
+        };
+        summaries.push(DomainSummary {
+            name,
+            running,
+            usb_ports,
+        });
+    }
+    summaries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(summaries)
 }
 
 /// Whether `uri` reaches libvirt through a local unix socket (or in-process), so that
