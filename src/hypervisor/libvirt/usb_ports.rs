@@ -62,13 +62,13 @@ pub fn usb_port_usage(domain_xml: &str) -> Result<UsbPortUsage, UsbPortsError> {
         match element.name().as_ref() {
             b"devices" if depth == 1 => devices_depth = Some(depth + 1),
             b"controller"
-                if devices_depth == Some(depth) && attribute(b"type").as_deref() == Some("usb") =>
+                if devices_depth == Some(depth)
+                    && attribute(b"type").as_deref() == Some("usb")
+                    && attribute(b"model").as_deref() != Some("none") =>
             {
-                if attribute(b"model").as_deref() != Some("none") {
-                    match attribute(b"ports").and_then(|ports| ports.parse::<u32>().ok()) {
-                        Some(ports) => total = total.map(|sum| sum + ports),
-                        None => total = None,
-                    }
+                match attribute(b"ports").and_then(|ports| ports.parse::<u32>().ok()) {
+                    Some(ports) => total = total.map(|sum| sum + ports),
+                    None => total = None,
                 }
             }
             b"address"
