@@ -26,8 +26,9 @@ pub fn retry_delay(kind: FailureKind, attempts: u32) -> Option<Duration> {
         FailureKind::DeviceNotFound => &NOT_FOUND,
         FailureKind::DeviceInUse | FailureKind::NoFreePort | FailureKind::Other => &SLOW,
         // A lifecycle event follows a vanished domain; a broken connection is healed
-        // by reconnecting, after which everything is due again.
-        FailureKind::DomainGone | FailureKind::ConnectionLost => &[],
+        // by reconnecting, after which everything is due again; a call past its
+        // deadline is retried once its real answer is in (it holds its VM until then).
+        FailureKind::DomainGone | FailureKind::ConnectionLost | FailureKind::TimedOut => &[],
     };
     let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
     schedule.get(index).map(|ms| Duration::from_millis(*ms))

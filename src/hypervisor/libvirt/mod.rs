@@ -11,7 +11,8 @@ use xml::{build_usb_hostdev, parse_usb_hostdevs};
 
 use crate::event::Event;
 use crate::hypervisor::{
-    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
+    Connector, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError, RunningDomains,
+    UnreadableDomain,
 };
 use crate::model::alias::HostdevAlias;
 use failure::LibvirtFailure;
@@ -231,14 +232,11 @@ impl LibvirtHypervisor {
         self.connection.lookup_domain_by_name(domain)
     }
 
-    fn read_domain(&self, domain: &Domain) -> Result<Option<DomainView>, HypervisorError> {
-        let name = domain.name().map_err(|error| {
-            let failure = LibvirtFailure::from_error(&error);
-            HypervisorError::ListDomains {
-                kind: failure.kind(),
-                message: failure.message,
-            }
-        })?;
+    fn read_domain(
+        &self,
+        domain: &Domain,
+        name: String,
+    ) -> Result<Option<DomainView>, HypervisorError> {
         let xml = match domain.xml_desc(0) {
             Ok(xml) => xml,
             Err(error) => {
@@ -266,7 +264,7 @@ impl LibvirtHypervisor {
 }
 
 impl Hypervisor for LibvirtHypervisor {
-    fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError> {
+    fn list_running(&self) -> Result<RunningDomains, HypervisorError> {
         let domains = self
             .connection
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -277,17 +275,28 @@ impl Hypervisor for LibvirtHypervisor {
                     message: failure.message,
                 }
             })?;
-        let mut views = Vec::with_capacity(domains.len());
+        let mut listing = RunningDomains::default();
         for domain in &domains {
-            if let Some(view) = self.read_domain(domain)? {
-                views.push(view);
+            // The name is the client's own copy: this makes no call.
+            let name = domain.name().map_err(|error| {
+                let failure = LibvirtFailure::from_error(&error);
+                HypervisorError::ListDomains {
+                    kind: failure.kind(),
+                    message: failure.message,
+                }
+            })?;
+            match self.read_domain(domain, name.clone()) {
+                Ok(Some(view)) => listing.readable.push(view),
+                Ok(None) => {}
+                // One VM whose XML cannot be read leaves the others readable.
+                Err(error) => listing.unreadable.push(UnreadableDomain { name, error }),
             }
         }
-        views.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(views)
+        listing.readable.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listing)
     }
 
-    fn attach(&mut self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError> {
+    fn attach(&self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError> {
         let attach_error = |kind, message| HypervisorError::Attach {
             domain: domain.to_string(),
             device: hostdev.to_string(),
@@ -308,7 +317,7 @@ impl Hypervisor for LibvirtHypervisor {
             .map_err(from_libvirt)
     }
 
-    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
+    fn detach(&self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
         let from_libvirt = |error: virt::error::Error| {
             let failure = LibvirtFailure::from_error(&error);
             HypervisorError::Detach {
