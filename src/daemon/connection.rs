@@ -6,6 +6,7 @@
 use crate::event::Event;
 use crate::hypervisor::Connector;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -34,7 +35,12 @@ pub struct Connection<C: Connector> {
     connector: C,
     /// Where each connection delivers libvirt's events: the loop's channel.
     events: Sender<Event>,
-    hypervisor: Option<C::Hypervisor>,
+    /// Shared with the calls under way on it: a connection given up on lives until
+    /// its last stuck call returns.
+    hypervisor: Option<Arc<C::Hypervisor>>,
+    /// Counts the connections opened: tells an answer on this one from a late answer
+    /// on one given up on.
+    generation: u64,
     /// Refused connects and rounds that lost the connection, in a row.
     failures_in_a_row: u32,
     /// When to connect next; `None` while connected.
@@ -49,6 +55,7 @@ impl<C: Connector> Connection<C> {
             connector,
             events,
             hypervisor: None,
+            generation: 0,
             failures_in_a_row: 0,
             next_attempt: Some(now),
             last_error: None,
@@ -59,8 +66,13 @@ impl<C: Connector> Connection<C> {
         self.hypervisor.is_some()
     }
 
-    pub fn hypervisor(&mut self) -> Option<&mut C::Hypervisor> {
-        self.hypervisor.as_mut()
+    pub fn hypervisor(&self) -> Option<Arc<C::Hypervisor>> {
+        self.hypervisor.clone()
+    }
+
+    /// The number of the current (or last) connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// When the next connect is due; `None` while connected.
@@ -84,7 +96,8 @@ impl<C: Connector> Connection<C> {
         match self.connector.connect(uri, self.events.clone()) {
             Ok(hypervisor) => {
                 log::info!("connected to libvirt at {uri}");
-                self.hypervisor = Some(hypervisor);
+                self.hypervisor = Some(Arc::new(hypervisor));
+                self.generation += 1;
                 self.last_error = None;
                 self.next_attempt = None;
                 Link::Opened

@@ -1,10 +1,20 @@
-//! Carries out one `Action` through the `Hypervisor` and hands back what happened as
-//! plain data. The loop decides and books the outcome; the executor only calls. It
-//! reads and changes none of the loop's state, so that its calls can later run on a
-//! thread of their own and their outcomes come back over a channel.
+//! Carries out libvirt calls off the loop's thread and hands back what happened as
+//! plain data, as `Event::CallFinished` on the loop's one channel. The loop decides and
+//! books the outcome; the executor only calls, and reads and changes none of the loop's
+//! state.
+//!
+//! Each call runs on a thread of its own, which exits when the call returns: nothing
+//! stays awake while idle. The loop issues at most one call per VM at a time, so a VM's
+//! calls run in the order it issued them, and a VM whose QEMU does not answer holds up
+//! only its own thread. A call cannot be cancelled; the loop gives up waiting at its
+//! deadline and books the real answer whenever it comes.
 
-use crate::hypervisor::{HostdevSpec, Hypervisor, HypervisorError};
+use crate::event::Event;
+use crate::hypervisor::{HostdevSpec, Hypervisor, HypervisorError, RunningDomains};
 use crate::reconcile::Action;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One action carried out: the action, when its call began and how long it took, and
@@ -20,7 +30,7 @@ pub struct ActionOutcome {
 
 /// The times are the system's monotonic clock, not the loop's: they measure a call,
 /// they schedule nothing.
-pub fn execute<H: Hypervisor>(hypervisor: &mut H, action: Action) -> ActionOutcome {
+pub fn execute<H: Hypervisor>(hypervisor: &H, action: Action) -> ActionOutcome {
     let started = Instant::now();
     let result = match &action {
         Action::Attach {
@@ -39,6 +49,149 @@ pub fn execute<H: Hypervisor>(hypervisor: &mut H, action: Action) -> ActionOutco
     }
 }
 
+/// Which call an outcome answers: numbered by the executor, unique for the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId(pub u64);
+
+/// What a call came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    Action(ActionOutcome),
+    Listing(Result<RunningDomains, HypervisorError>),
+}
+
+/// A call that returned, as the loop receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFinished {
+    pub call: CallId,
+    pub outcome: CallOutcome,
+}
+
+/// Calls issued and answered so far: the loop's tests wait on these to know that
+/// every call that could answer has answered.
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    issued: AtomicU64,
+    answered: AtomicU64,
+}
+
+impl CallCounts {
+    /// (issued, answered): an answer counts once its event is on the channel.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.issued.load(Ordering::SeqCst),
+            self.answered.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Starts calls on threads of their own; their outcomes come back on `events`.
+pub struct Executor {
+    events: Sender<Event>,
+    next_call: u64,
+    counts: Arc<CallCounts>,
+}
+
+impl Executor {
+    pub fn new(events: Sender<Event>) -> Executor {
+        Executor {
+            events,
+            next_call: 0,
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn counts(&self) -> Arc<CallCounts> {
+        self.counts.clone()
+    }
+
+    /// Carries out `action` through `hypervisor` off the loop's thread.
+    pub fn start_action<H: Hypervisor>(&mut self, hypervisor: Arc<H>, action: Action) -> CallId {
+        let failed = action.clone();
+        self.spawn(
+            "usbpass-call",
+            move || CallOutcome::Action(execute(&*hypervisor, action)),
+            move |message| {
+                let error = match &failed {
+                    Action::Attach {
+                        domain,
+                        device,
+                        alias,
+                        ..
+                    } => HypervisorError::Attach {
+                        domain: domain.clone(),
+                        device: HostdevSpec::new(device, alias.clone()).to_string(),
+                        kind: crate::hypervisor::FailureKind::Other,
+                        message,
+                    },
+                    Action::Detach { domain, alias, .. } => HypervisorError::Detach {
+                        domain: domain.clone(),
+                        alias: alias.to_string(),
+                        kind: crate::hypervisor::FailureKind::Other,
+                        message,
+                    },
+                };
+                CallOutcome::Action(ActionOutcome {
+                    action: failed,
+                    started: Instant::now(),
+                    call_time: Duration::ZERO,
+                    result: Err(error),
+                })
+            },
+        )
+    }
+
+    /// Lists the running domains and their live XML off the loop's thread.
+    pub fn start_listing<H: Hypervisor>(&mut self, hypervisor: Arc<H>) -> CallId {
+        self.spawn(
+            "usbpass-list",
+            move || CallOutcome::Listing(hypervisor.list_running()),
+            |message| {
+                CallOutcome::Listing(Err(HypervisorError::ListDomains {
+                    kind: crate::hypervisor::FailureKind::Other,
+                    message,
+                }))
+            },
+        )
+    }
+
+    /// Runs `call` on a new thread and sends its outcome. A thread that cannot be
+    /// started is answered at once with `refused`'s outcome, so the loop books it like
+    /// any failed call.
+    fn spawn(
+        &mut self,
+        name: &str,
+        call: impl FnOnce() -> CallOutcome + Send + 'static,
+        refused: impl FnOnce(String) -> CallOutcome,
+    ) -> CallId {
+        self.next_call += 1;
+        let id = CallId(self.next_call);
+        self.counts.issued.fetch_add(1, Ordering::SeqCst);
+        let events = self.events.clone();
+        let counts = self.counts.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let outcome = call();
+                // The loop gone means the daemon is stopping: nobody is left to tell.
+                let _ = events.send(Event::CallFinished(Box::new(CallFinished {
+                    call: id,
+                    outcome,
+                })));
+                counts.answered.fetch_add(1, Ordering::SeqCst);
+            });
+        if let Err(error) = spawned {
+            let outcome = refused(format!("cannot start a thread for the call: {error}"));
+            let _ = self.events.send(Event::CallFinished(Box::new(CallFinished {
+                call: id,
+                outcome,
+            })));
+            self.counts.answered.fetch_add(1, Ordering::SeqCst);
+        }
+        id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,7 +204,7 @@ mod tests {
     #[test]
     fn an_action_becomes_one_call_and_its_answer() {
         let world = SharedWorld::new(FakeWorld::with_domains(&["win11"]));
-        let mut hypervisor = FakeConnector {
+        let hypervisor = FakeConnector {
             world: world.clone(),
         }
         .connect("test:///default", std::sync::mpsc::channel().0)
@@ -64,7 +217,7 @@ mod tests {
             alias: alias.clone(),
             rule: "receiver".into(),
         };
-        let outcome = execute(&mut hypervisor, attach.clone());
+        let outcome = execute(&hypervisor, attach.clone());
         assert_eq!(outcome.action, attach);
         assert_eq!(outcome.result, Ok(()));
         assert_eq!(world.lock().aliases_in("win11"), [alias.to_string()]);
@@ -76,7 +229,7 @@ mod tests {
             address: None,
             reason: DetachReason::DeviceGone,
         };
-        let outcome = execute(&mut hypervisor, detach);
+        let outcome = execute(&hypervisor, detach);
         let error = outcome.result.unwrap_err();
         assert_eq!(error.kind(), FailureKind::DomainGone);
         assert_eq!(

@@ -116,7 +116,7 @@ fn no_attach_under_the_alias_of_a_detach_still_under_way() {
     // libvirt would refuse a second hostdev with that alias while the first is there.
     assert_eq!(harness.world.lock().attaches().len(), 1);
     harness.world.lock().finish_detaches();
-    harness.clock.settle();
+    harness.settle();
     let world = harness.world.lock();
     assert_eq!(world.attaches().len(), 2);
     assert_eq!(world.aliases_in("win11"), ["ua-usbpass-1-5-046d-c52b"]);
