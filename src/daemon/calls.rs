@@ -29,6 +29,16 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     /// A call came back, however late: book what it did.
     pub(super) fn call_finished(&mut self, finished: CallFinished) {
+        if self.connection.is_connect(finished.call) {
+            let now = self.clock.now();
+            if self.connection.connect_finished(finished.call, now) == Link::Opened {
+                // Anything that failed against the old connection is due again, and
+                // what the new one shows is read before anything is done.
+                self.retries.clear();
+                self.live.invalidate();
+            }
+            return;
+        }
         let Some(call) = self.in_flight.finished(finished.call) else {
             log::debug!("ignoring the answer of an unknown call {:?}", finished.call);
             return;
@@ -108,6 +118,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     /// and the connection is replaced.
     pub(super) fn expire_calls(&mut self) {
         let now = self.clock.now();
+        self.connection.expire(now);
         let deadline_ms = self.call_deadline.as_millis();
         for (_, call) in self.in_flight.expire(now) {
             match call.kind {

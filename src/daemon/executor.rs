@@ -10,11 +10,14 @@
 //! deadline and books the real answer whenever it comes.
 
 use crate::event::Event;
-use crate::hypervisor::{HostdevSpec, Hypervisor, HypervisorError, RunningDomains};
+use crate::hypervisor::{
+    Connector, FailureKind, HostdevSpec, Hypervisor, HypervisorError, RunningDomains,
+};
 use crate::reconcile::Action;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One action carried out: the action, when its call began and how long it took, and
@@ -58,7 +61,13 @@ pub struct CallId(pub u64);
 pub enum CallOutcome {
     Action(ActionOutcome),
     Listing(Result<RunningDomains, HypervisorError>),
+    /// A connect returned; the connection (or the error) waits in its `Opened` slot.
+    Connected,
 }
+
+/// Where connect threads leave what they opened, by call, for the loop to take: a
+/// connection is no plain data and does not travel in an `Event`.
+pub type Opened<H> = Arc<Mutex<HashMap<CallId, Result<H, HypervisorError>>>>;
 
 /// A call that returned, as the loop receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +119,8 @@ impl Executor {
         let failed = action.clone();
         self.spawn(
             "usbpass-call",
-            move || CallOutcome::Action(execute(&*hypervisor, action)),
-            move |message| {
+            move |_| CallOutcome::Action(execute(&*hypervisor, action)),
+            move |_, message| {
                 let error = match &failed {
                     Action::Attach {
                         domain,
@@ -121,13 +130,13 @@ impl Executor {
                     } => HypervisorError::Attach {
                         domain: domain.clone(),
                         device: HostdevSpec::new(device, alias.clone()).to_string(),
-                        kind: crate::hypervisor::FailureKind::Other,
+                        kind: FailureKind::Other,
                         message,
                     },
                     Action::Detach { domain, alias, .. } => HypervisorError::Detach {
                         domain: domain.clone(),
                         alias: alias.to_string(),
-                        kind: crate::hypervisor::FailureKind::Other,
+                        kind: FailureKind::Other,
                         message,
                     },
                 };
@@ -145,12 +154,40 @@ impl Executor {
     pub fn start_listing<H: Hypervisor>(&mut self, hypervisor: Arc<H>) -> CallId {
         self.spawn(
             "usbpass-list",
-            move || CallOutcome::Listing(hypervisor.list_running()),
-            |message| {
+            move |_| CallOutcome::Listing(hypervisor.list_running()),
+            |_, message| {
                 CallOutcome::Listing(Err(HypervisorError::ListDomains {
-                    kind: crate::hypervisor::FailureKind::Other,
+                    kind: FailureKind::Other,
                     message,
                 }))
+            },
+        )
+    }
+
+    /// Opens a connection to `uri` off the loop's thread, and leaves it in `opened`.
+    pub fn start_connect<C: Connector>(
+        &mut self,
+        connector: Arc<C>,
+        uri: &str,
+        events: Sender<Event>,
+        opened: Opened<C::Hypervisor>,
+    ) -> CallId {
+        let slot = opened.clone();
+        let (uri, refused_uri) = (uri.to_string(), uri.to_string());
+        self.spawn(
+            "usbpass-connect",
+            move |call| {
+                let result = connector.connect(&uri, events);
+                lock(&slot).insert(call, result);
+                CallOutcome::Connected
+            },
+            move |call, message| {
+                let error = HypervisorError::Connect {
+                    uri: refused_uri,
+                    message,
+                };
+                lock(&opened).insert(call, Err(error));
+                CallOutcome::Connected
             },
         )
     }
@@ -161,8 +198,8 @@ impl Executor {
     fn spawn(
         &mut self,
         name: &str,
-        call: impl FnOnce() -> CallOutcome + Send + 'static,
-        refused: impl FnOnce(String) -> CallOutcome,
+        call: impl FnOnce(CallId) -> CallOutcome + Send + 'static,
+        refused: impl FnOnce(CallId, String) -> CallOutcome,
     ) -> CallId {
         self.next_call += 1;
         let id = CallId(self.next_call);
@@ -172,7 +209,7 @@ impl Executor {
         let spawned = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let outcome = call();
+                let outcome = call(id);
                 // The loop gone means the daemon is stopping: nobody is left to tell.
                 let _ = events.send(Event::CallFinished(Box::new(CallFinished {
                     call: id,
@@ -181,7 +218,7 @@ impl Executor {
                 counts.answered.fetch_add(1, Ordering::SeqCst);
             });
         if let Err(error) = spawned {
-            let outcome = refused(format!("cannot start a thread for the call: {error}"));
+            let outcome = refused(id, format!("cannot start a thread for the call: {error}"));
             let _ = self.events.send(Event::CallFinished(Box::new(CallFinished {
                 call: id,
                 outcome,
@@ -190,6 +227,13 @@ impl Executor {
         }
         id
     }
+}
+
+/// The slot's lock; a connect thread that panicked must not hide the others' results.
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

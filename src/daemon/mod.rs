@@ -134,7 +134,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         clock: K,
     ) -> Self {
         let executor = Executor::new(events_sender.clone());
-        let connection = Connection::new(connector, events_sender, clock.now());
+        let connection = Connection::new(connector, events_sender, clock.now(), CALL_DEADLINE);
         let watchdog = Watchdog::new(options.watchdog);
         Daemon {
             connection,
@@ -159,10 +159,11 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
     }
 
-    /// How long an attach, a detach or a listing may take before the loop gives up
-    /// waiting for it (`CALL_DEADLINE` unless set).
+    /// How long a connect, an attach, a detach or a listing may take before the loop
+    /// gives up waiting for it (`CALL_DEADLINE` unless set).
     pub fn with_call_deadline(mut self, deadline: Duration) -> Self {
         self.call_deadline = deadline;
+        self.connection.set_connect_deadline(deadline);
         self
     }
 
@@ -428,11 +429,13 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
 
     fn round(&mut self) {
         let now = self.clock.now();
-        match self.connection.ensure_connected(&self.config.uri, now) {
-            Link::Up => {}
-            // Anything that failed against the old connection is due again.
-            Link::Opened => self.retries.clear(),
-            Link::Down => return,
+        // A connect runs on the executor: its answer is the next wake.
+        if self
+            .connection
+            .ensure_connected(&self.config.uri, now, &mut self.executor)
+            != Link::Up
+        {
+            return;
         }
         if self.live.reread_at().is_some_and(|at| at <= now) {
             self.live.invalidate();

@@ -199,12 +199,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     }
 }
 
-/// Opens hypervisor connections; the daemon calls it again after a disconnect.
-pub trait Connector {
+/// Opens hypervisor connections; the daemon calls it again after a disconnect. The
+/// daemon connects on a thread of its own, so that a libvirtd that does not answer
+/// cannot hold up its loop: hence `&self`, `Send` and `Sync`.
+pub trait Connector: Send + Sync + 'static {
     type Hypervisor: Hypervisor;
     /// Connect and start delivering domain events into `events`.
     fn connect(
-        &mut self,
+        &self,
         uri: &str,
         events: Sender<Event>,
     ) -> Result<Self::Hypervisor, HypervisorError>;

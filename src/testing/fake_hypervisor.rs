@@ -57,6 +57,8 @@ pub struct FakeWorld {
     blocked_domains: BTreeSet<String>,
     /// Listings hang until `SharedWorld::release_listing`.
     listing_blocked: bool,
+    /// Connects hang until `SharedWorld::release_connect`.
+    connect_blocked: bool,
     /// Calls parked right now.
     parked: usize,
 }
@@ -89,6 +91,11 @@ impl FakeWorld {
     /// Listings hang from now on until released.
     pub fn block_listing(&mut self) {
         self.listing_blocked = true;
+    }
+
+    /// Connects hang from now on until released.
+    pub fn block_connect(&mut self) {
+        self.connect_blocked = true;
     }
 
     /// How many calls are hanging right now.
@@ -190,6 +197,12 @@ impl SharedWorld {
     /// The listings parked now, and those to come, go on.
     pub fn release_listing(&self) {
         self.lock().listing_blocked = false;
+        self.0 .1.notify_all();
+    }
+
+    /// The connects parked now, and those to come, go on.
+    pub fn release_connect(&self) {
+        self.lock().connect_blocked = false;
         self.0 .1.notify_all();
     }
 
@@ -378,13 +391,10 @@ pub struct FakeConnector {
 impl Connector for FakeConnector {
     type Hypervisor = FakeHypervisor;
 
-    fn connect(
-        &mut self,
-        uri: &str,
-        events: Sender<Event>,
-    ) -> Result<FakeHypervisor, HypervisorError> {
+    fn connect(&self, uri: &str, events: Sender<Event>) -> Result<FakeHypervisor, HypervisorError> {
         let mut world = self.world.lock();
         world.calls.push(Call::Connect);
+        let mut world = self.world.park_while(world, |world| world.connect_blocked);
         if world.refuse_connections {
             return Err(HypervisorError::Connect {
                 uri: uri.to_string(),

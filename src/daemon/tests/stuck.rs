@@ -232,14 +232,16 @@ fn the_watchdog_and_events_go_on_while_a_call_hangs() {
 }
 
 #[test]
-fn a_libvirtd_that_does_not_list_is_given_up_on_and_a_new_connection_converges() {
+fn a_libvirtd_that_does_not_answer_is_given_up_on_and_a_new_connection_converges() {
     let harness = Harness::start(
         TWO_VMS,
         FakeWorld::with_domains(&["win11", "fedora"]),
         vec![],
     );
     assert_eq!(harness.count(|c| *c == Call::Connect), 1);
+    // libvirtd stops answering (SIGSTOP): listings and connects hang.
     harness.world.lock().block_listing();
+    harness.world.lock().block_connect();
     // SIGHUP reads everything again; libvirtd does not answer the listing.
     harness.send_and_settle(Event::Reload);
     assert_eq!(harness.world.lock().parked(), 1);
@@ -252,15 +254,47 @@ fn a_libvirtd_that_does_not_list_is_given_up_on_and_a_new_connection_converges()
     );
     assert_eq!(harness.next_wake(), Some(CALL_DEADLINE));
     harness.advance(CALL_DEADLINE);
-    // Given up on: a new connection, whose own listing is out now.
+    // The listing is given up on, and so is the connection: a new one is under way,
+    // and hangs too.
     assert_eq!(harness.count(|c| *c == Call::Connect), 2);
     assert_eq!(harness.world.lock().parked(), 2);
-    // libvirtd answers again: both listings return, the old one is ignored, and the
-    // keyboard is attached once, through the new connection.
+    let state = harness.state();
+    assert!(!state.libvirt.connected);
+    assert_eq!(
+        state.libvirt.last_error.as_deref(),
+        Some("libvirt does not answer: no list of running vms within 10000 ms")
+    );
+    // The connect has its deadline too; then the next one waits its backoff.
+    assert_eq!(harness.next_wake(), Some(CALL_DEADLINE));
+    harness.advance(CALL_DEADLINE);
+    assert_eq!(
+        harness.state().libvirt.last_error.as_deref(),
+        Some("libvirt at qemu:///system does not answer: no connection within 10000 ms")
+    );
+    assert_eq!(harness.next_wake(), Some(Duration::from_millis(500)));
+    harness.advance(Duration::from_millis(500));
+    assert_eq!(harness.count(|c| *c == Call::Connect), 3);
+    // libvirtd answers again: the old listing and the connect given up on return and
+    // are dropped; the new connection reads the live XML, then attaches the keyboard,
+    // once.
     harness.world.release_listing();
+    harness.world.release_connect();
     harness.settle();
     assert_eq!(harness.world.lock().aliases_in("fedora"), [KEYBOARD]);
     assert_eq!(attaches_to(&harness, "fedora"), 1);
+    let calls = harness.world.lock().calls.clone();
+    let last_connect = calls.iter().rposition(|c| *c == Call::Connect).unwrap();
+    assert_eq!(
+        calls[last_connect + 1..],
+        [
+            Call::ListDomains,
+            Call::Attach {
+                domain: "fedora".into(),
+                alias: KEYBOARD.into(),
+            },
+        ],
+        "read before acting"
+    );
     let state = harness.state();
     assert!(state.libvirt.connected);
     assert_eq!(state.devices.len(), 1);

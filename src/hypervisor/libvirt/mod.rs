@@ -174,7 +174,7 @@ impl Connector for LibvirtConnector {
     type Hypervisor = LibvirtHypervisor;
 
     fn connect(
-        &mut self,
+        &self,
         uri: &str,
         events: Sender<Event>,
     ) -> Result<LibvirtHypervisor, HypervisorError> {
