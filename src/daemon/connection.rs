@@ -429,6 +429,11 @@ mod tests {
             .ensure_connected(URI, start, &mut rig.executor);
         assert_eq!(link, Link::Down);
         assert_eq!(rig.next_attempt(), Some(start + CONNECT_DEADLINE));
+        let patience = Instant::now() + Duration::from_secs(10);
+        while world.lock().parked() == 0 {
+            assert!(Instant::now() < patience, "the connect did not start");
+            std::thread::sleep(ms(1));
+        }
         // Not tried again while under way.
         let link = rig
             .connection

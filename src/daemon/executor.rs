@@ -3,11 +3,14 @@
 //! books the outcome; the executor only calls, and reads and changes none of the loop's
 //! state.
 //!
-//! Each call runs on a thread of its own, which exits when the call returns: nothing
-//! stays awake while idle. The loop issues at most one call per VM at a time, so a VM's
-//! calls run in the order it issued them, and a VM whose QEMU does not answer holds up
-//! only its own thread. A call cannot be cancelled; the loop gives up waiting at its
-//! deadline and books the real answer whenever it comes.
+//! Each VM's attaches and detaches run on that VM's worker thread, in the order they
+//! were issued; the worker is started on the VM's first call, parks in a blocking
+//! receive while idle (nothing wakes), and exits when the loop forgets the VM (it
+//! stopped). A plug then costs a channel handoff, not a thread start. A VM whose QEMU
+//! does not answer holds up only its own worker. Listings and connects are rare and
+//! run on a thread of their own each, which exits when the call returns. A call cannot
+//! be cancelled; the loop gives up waiting at its deadline and books the real answer
+//! whenever it comes.
 
 use crate::event::Event;
 use crate::hypervisor::{
@@ -16,7 +19,7 @@ use crate::hypervisor::{
 use crate::reconcile::Action;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,11 +97,16 @@ impl CallCounts {
     }
 }
 
-/// Starts calls on threads of their own; their outcomes come back on `events`.
+/// One call, ready to run on whichever thread takes it.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts calls off the loop's thread; their outcomes come back on `events`.
 pub struct Executor {
     events: Sender<Event>,
     next_call: u64,
     counts: Arc<CallCounts>,
+    /// Each VM's worker, by VM name.
+    workers: HashMap<String, Sender<Job>>,
 }
 
 impl Executor {
@@ -107,7 +115,13 @@ impl Executor {
             events,
             next_call: 0,
             counts: Arc::default(),
+            workers: HashMap::new(),
         }
+    }
+
+    /// The VM stopped: its worker exits once its calls are done.
+    pub fn forget_vm(&mut self, domain: &str) {
+        self.workers.remove(domain);
     }
 
     pub fn counts(&self) -> Arc<CallCounts> {
@@ -117,8 +131,9 @@ impl Executor {
     /// Carries out `action` through `hypervisor` off the loop's thread.
     pub fn start_action<H: Hypervisor>(&mut self, hypervisor: Arc<H>, action: Action) -> CallId {
         let failed = action.clone();
-        self.spawn(
-            "usbpass-call",
+        let worker = action.domain().to_string();
+        self.start(
+            Some(worker),
             move |_| CallOutcome::Action(execute(&*hypervisor, action)),
             move |_, message| {
                 let error = match &failed {
@@ -152,8 +167,8 @@ impl Executor {
 
     /// Lists the running domains and their live XML off the loop's thread.
     pub fn start_listing<H: Hypervisor>(&mut self, hypervisor: Arc<H>) -> CallId {
-        self.spawn(
-            "usbpass-list",
+        self.start(
+            None,
             move |_| CallOutcome::Listing(hypervisor.list_running()),
             |_, message| {
                 CallOutcome::Listing(Err(HypervisorError::ListDomains {
@@ -174,8 +189,8 @@ impl Executor {
     ) -> CallId {
         let slot = opened.clone();
         let (uri, refused_uri) = (uri.to_string(), uri.to_string());
-        self.spawn(
-            "usbpass-connect",
+        self.start(
+            None,
             move |call| {
                 let result = connector.connect(&uri, events);
                 lock(&slot).insert(call, result);
@@ -192,12 +207,12 @@ impl Executor {
         )
     }
 
-    /// Runs `call` on a new thread and sends its outcome. A thread that cannot be
-    /// started is answered at once with `refused`'s outcome, so the loop books it like
-    /// any failed call.
-    fn spawn(
+    /// Runs `call` on `worker`'s thread, or on a new one, and sends its outcome. A
+    /// call no thread can be started for is answered at once with `refused`'s outcome,
+    /// so the loop books it like any failed call.
+    fn start(
         &mut self,
-        name: &str,
+        worker: Option<String>,
         call: impl FnOnce(CallId) -> CallOutcome + Send + 'static,
         refused: impl FnOnce(CallId, String) -> CallOutcome,
     ) -> CallId {
@@ -206,18 +221,23 @@ impl Executor {
         self.counts.issued.fetch_add(1, Ordering::SeqCst);
         let events = self.events.clone();
         let counts = self.counts.clone();
-        let spawned = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let outcome = call(id);
-                // The loop gone means the daemon is stopping: nobody is left to tell.
-                let _ = events.send(Event::CallFinished(Box::new(CallFinished {
-                    call: id,
-                    outcome,
-                })));
-                counts.answered.fetch_add(1, Ordering::SeqCst);
-            });
-        if let Err(error) = spawned {
+        let job: Job = Box::new(move || {
+            let outcome = call(id);
+            // The loop gone means the daemon is stopping: nobody is left to tell.
+            let _ = events.send(Event::CallFinished(Box::new(CallFinished {
+                call: id,
+                outcome,
+            })));
+            counts.answered.fetch_add(1, Ordering::SeqCst);
+        });
+        let started = match worker {
+            Some(vm) => self.hand_to_worker(vm, job),
+            None => std::thread::Builder::new()
+                .name("usbpass-call".into())
+                .spawn(job)
+                .map(drop),
+        };
+        if let Err(error) = started {
             let outcome = refused(id, format!("cannot start a thread for the call: {error}"));
             let _ = self.events.send(Event::CallFinished(Box::new(CallFinished {
                 call: id,
@@ -226,6 +246,32 @@ impl Executor {
             self.counts.answered.fetch_add(1, Ordering::SeqCst);
         }
         id
+    }
+
+    /// Queues `job` on the VM's worker, starting one if it has none (or its last one
+    /// is gone).
+    fn hand_to_worker(&mut self, vm: String, job: Job) -> std::io::Result<()> {
+        let job = match self.workers.get(&vm) {
+            Some(worker) => match worker.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (worker, jobs) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("usbpass-vm".into())
+            .spawn(move || {
+                // Parked here while idle; ends when the executor forgets the VM.
+                for job in jobs {
+                    job();
+                }
+            })?;
+        worker
+            .send(job)
+            .expect("a worker just started holds its receiver");
+        self.workers.insert(vm, worker);
+        Ok(())
     }
 }
 

@@ -313,7 +313,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.retries.forget_domain(&domain);
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
-                    DomainChange::Stopped => self.live.domain_stopped(&domain),
+                    DomainChange::Stopped => {
+                        self.live.domain_stopped(&domain);
+                        self.executor.forget_vm(&domain);
+                    }
                     DomainChange::Other => self.live.invalidate(),
                 }
             }

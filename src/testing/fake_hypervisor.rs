@@ -59,8 +59,8 @@ pub struct FakeWorld {
     listing_blocked: bool,
     /// Connects hang until `SharedWorld::release_connect`.
     connect_blocked: bool,
-    /// Calls parked right now.
-    parked: usize,
+    /// What each call parked right now waits on.
+    parked: Vec<Hold>,
 }
 
 impl FakeWorld {
@@ -99,8 +99,18 @@ impl FakeWorld {
     }
 
     /// How many calls are hanging right now.
+    /// Calls parked and not released yet: a released call counts no more, even before
+    /// its thread runs on.
     pub fn parked(&self) -> usize {
-        self.parked
+        self.parked.iter().filter(|hold| self.holds(hold)).count()
+    }
+
+    fn holds(&self, hold: &Hold) -> bool {
+        match hold {
+            Hold::Domain(domain) => self.blocked_domains.contains(domain),
+            Hold::Listing => self.listing_blocked,
+            Hold::Connect => self.connect_blocked,
+        }
     }
 
     pub fn fail_every_call(&mut self, kind: Option<FailureKind>) {
@@ -171,6 +181,14 @@ impl FakeWorld {
     }
 }
 
+/// What a parked call waits to be released from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    Domain(String),
+    Listing,
+    Connect,
+}
+
 /// A shareable handle on a `FakeWorld`, and the signal its parked calls wait on.
 #[derive(Debug, Clone, Default)]
 pub struct SharedWorld(Arc<(Mutex<FakeWorld>, Condvar)>);
@@ -206,24 +224,26 @@ impl SharedWorld {
         self.0 .1.notify_all();
     }
 
-    /// Parks the calling thread, with the world unlocked, while `blocked` holds.
+    /// Parks the calling thread, with the world unlocked, while `hold` holds.
     fn park_while<'a>(
         &'a self,
         mut world: MutexGuard<'a, FakeWorld>,
-        blocked: impl Fn(&FakeWorld) -> bool,
+        hold: Hold,
     ) -> MutexGuard<'a, FakeWorld> {
-        if !blocked(&world) {
+        if !world.holds(&hold) {
             return world;
         }
-        world.parked += 1;
-        while blocked(&world) {
+        world.parked.push(hold.clone());
+        while world.holds(&hold) {
             world = self
                 .0
                  .1
                 .wait(world)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
-        world.parked -= 1;
+        if let Some(index) = world.parked.iter().position(|parked| *parked == hold) {
+            world.parked.remove(index);
+        }
         world
     }
 }
@@ -248,7 +268,7 @@ impl Hypervisor for FakeHypervisor {
     fn list_running(&self) -> Result<RunningDomains, HypervisorError> {
         let mut world = self.world.lock();
         let failure = world.record(Call::ListDomains);
-        let world = self.world.park_while(world, |world| world.listing_blocked);
+        let world = self.world.park_while(world, Hold::Listing);
         if let Some(kind) = failure {
             return Err(HypervisorError::ListDomains {
                 kind,
@@ -298,7 +318,7 @@ impl Hypervisor for FakeHypervisor {
         });
         let mut world = self
             .world
-            .park_while(world, |world| world.blocked_domains.contains(domain));
+            .park_while(world, Hold::Domain(domain.to_string()));
         if let Some(kind) = failure {
             return Err(fail(kind));
         }
@@ -338,7 +358,7 @@ impl Hypervisor for FakeHypervisor {
         });
         let mut world = self
             .world
-            .park_while(world, |world| world.blocked_domains.contains(domain));
+            .park_while(world, Hold::Domain(domain.to_string()));
         if let Some(kind) = failure {
             return Err(fail(kind));
         }
@@ -394,7 +414,7 @@ impl Connector for FakeConnector {
     fn connect(&self, uri: &str, events: Sender<Event>) -> Result<FakeHypervisor, HypervisorError> {
         let mut world = self.world.lock();
         world.calls.push(Call::Connect);
-        let mut world = self.world.park_while(world, |world| world.connect_blocked);
+        let mut world = self.world.park_while(world, Hold::Connect);
         if world.refuse_connections {
             return Err(HypervisorError::Connect {
                 uri: uri.to_string(),
