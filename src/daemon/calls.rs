@@ -193,9 +193,15 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     "{}",
                     decision::failure_line(&outcome, cause, error, booked.attempts, booked.delay)
                 );
-                if error.kind() == FailureKind::ConnectionLost && current {
-                    self.drop_connection(error.to_string());
-                    self.connection.round_lost_connection(now);
+                if error.kind() == FailureKind::ConnectionLost {
+                    if current {
+                        self.drop_connection(error.to_string());
+                        self.connection.round_lost_connection(now);
+                    } else {
+                        // A connection given up on broke; the one in use is fresh, and
+                        // the action is due through it.
+                        self.retries.due_at_once(&outcome.action, now);
+                    }
                 }
             }
         }

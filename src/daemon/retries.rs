@@ -108,6 +108,14 @@ impl RetryBook {
         Booked { attempts, delay }
     }
 
+    /// A failure that says nothing about the next attempt (it broke a connection that
+    /// has been replaced since): the action is due at `now`, its record kept.
+    pub fn due_at_once(&mut self, action: &Action, now: Instant) {
+        if let Some(failure) = self.failures.get_mut(&key_of(action)) {
+            failure.next_attempt = Some(now);
+        }
+    }
+
     /// A failure whose action the rules no longer want is forgotten.
     pub fn keep_wanted(&mut self, wanted: &[Action]) {
         self.failures.retain(|(domain, alias), _| {

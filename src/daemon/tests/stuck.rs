@@ -300,3 +300,30 @@ fn a_libvirtd_that_does_not_answer_is_given_up_on_and_a_new_connection_converges
     assert_eq!(state.devices.len(), 1);
     harness.stop().unwrap();
 }
+
+#[test]
+fn a_late_broken_call_on_a_replaced_connection_leaves_the_new_one_alone() {
+    let harness = Harness::start(
+        TWO_VMS,
+        FakeWorld::with_domains(&["win11", "fedora"]),
+        vec![],
+    );
+    harness.world.lock().block("win11");
+    harness.send_and_settle(plugged(receiver(5)));
+    // The connection breaks while win11's attach hangs; a new one opens at once.
+    harness.send_and_settle(Event::HypervisorDisconnected {
+        reason: "end of file from libvirtd".into(),
+    });
+    assert_eq!(harness.count(|c| *c == Call::Connect), 2);
+    assert_eq!(attaches_to(&harness, "win11"), 1, "not issued twice");
+    // The stuck attach comes back broken, on the old connection: the new connection
+    // stays, and the attach is made through it at once.
+    harness.world.lock().failing_attaches = [FailureKind::ConnectionLost].into();
+    harness.world.release("win11");
+    harness.settle();
+    assert_eq!(harness.count(|c| *c == Call::Connect), 2);
+    assert!(harness.state().libvirt.connected);
+    assert_eq!(attaches_to(&harness, "win11"), 2);
+    assert_eq!(harness.world.lock().aliases_in("win11"), [RECEIVER]);
+    harness.stop().unwrap();
+}
