@@ -142,7 +142,10 @@ pub fn connect(uri: &str, events: Sender<Event>) -> Result<LibvirtHypervisor, Li
     // once, so keepalive adds nothing there; across a network a silently dead peer is
     // only found by probing. (libvirtd's own keepalive, `keepalive_interval` in
     // libvirtd.conf, 5 s by default, still pings every client that runs an event loop;
-    // libvirt answers those pings on its event thread without an `Event`.)
+    // libvirt answers those pings on its event thread without an `Event`.) Keepalive is
+    // the remote driver's and would work on a unix socket too, but a local libvirtd that
+    // hangs instead of dying is caught by the daemon's deadline on every call, which
+    // costs no wake-up while idle.
     if !is_local_uri(uri) {
         connection
             .set_keep_alive(KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT)
