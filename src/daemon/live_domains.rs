@@ -17,8 +17,17 @@
 use crate::hypervisor::{DomainView, HostdevSpec, RunningDomains, UnreadableDomain, UsbHostdev};
 use std::time::{Duration, Instant};
 
-/// How long after a listing that left a VM unreadable the loop reads again.
+/// How long after a listing that left a VM unreadable the loop reads again: 5 s,
+/// doubling with each such listing in a row up to 5 min, so that a VM whose XML never
+/// reads does not keep the daemon awake.
 pub const UNREADABLE_REREAD: Duration = Duration::from_secs(5);
+const UNREADABLE_REREAD_MAX: Duration = Duration::from_secs(300);
+
+fn reread_delay(listings_in_a_row: u32) -> Duration {
+    UNREADABLE_REREAD
+        .saturating_mul(1 << listings_in_a_row.clamp(1, 7).saturating_sub(1))
+        .min(UNREADABLE_REREAD_MAX)
+}
 
 #[derive(Debug, Default)]
 pub struct LiveDomains {
@@ -34,6 +43,8 @@ pub struct LiveDomains {
     unreadable: Vec<UnreadableDomain>,
     /// When to read again because a VM was unreadable.
     reread_at: Option<Instant>,
+    /// Listings in a row that left a VM unreadable.
+    unreadable_listings: u32,
 }
 
 impl LiveDomains {
@@ -83,7 +94,13 @@ impl LiveDomains {
         self.domains = domains;
         self.stale = token != self.changes;
         self.unverified = false;
-        self.reread_at = (!unreadable.is_empty()).then(|| now + UNREADABLE_REREAD);
+        self.unreadable_listings = if unreadable.is_empty() {
+            0
+        } else {
+            self.unreadable_listings + 1
+        };
+        self.reread_at =
+            (!unreadable.is_empty()).then(|| now + reread_delay(self.unreadable_listings));
         self.unreadable = unreadable;
     }
 
@@ -330,6 +347,21 @@ mod listing_tests {
             ]
         );
         assert_eq!(live.reread_at(), Some(now + UNREADABLE_REREAD));
+        let unreadable = live.unreadable().to_vec();
+        let again = |live: &mut LiveDomains| {
+            let listing = RunningDomains {
+                readable: vec![view("fedora", &[])],
+                unreadable: unreadable.clone(),
+            };
+            live.refreshed(listing, live.listing_token(), now);
+            live.reread_at().map(|at| (at - now).as_secs())
+        };
+        let waits: Vec<_> = (0..8).map(|_| again(&mut live)).collect();
+        assert_eq!(
+            waits,
+            [10, 20, 40, 80, 160, 300, 300, 300].map(Some),
+            "backs off to five minutes"
+        );
         live.domain_stopped("win11");
         assert!(!live.is_unreadable("win11"));
     }
