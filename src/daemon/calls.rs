@@ -193,6 +193,11 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     "{}",
                     decision::failure_line(&outcome, cause, error, booked.attempts, booked.delay)
                 );
+                // An answer that came after its VM stopped: nothing is wanted there any
+                // more (the stop forgot the VM's failures; this one came late).
+                if !self.live.is_running(outcome.action.domain()) {
+                    self.retries.forget_domain(outcome.action.domain());
+                }
                 if error.kind() == FailureKind::ConnectionLost {
                     if current {
                         self.drop_connection(error.to_string());

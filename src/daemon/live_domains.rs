@@ -147,6 +147,11 @@ impl LiveDomains {
         self.unverified
     }
 
+    /// Whether `domain` runs, as far as the copy knows.
+    pub fn is_running(&self, domain: &str) -> bool {
+        self.domains.iter().any(|view| view.name == domain)
+    }
+
     pub fn domains(&self) -> &[DomainView] {
         &self.domains
     }

@@ -327,3 +327,39 @@ fn a_late_broken_call_on_a_replaced_connection_leaves_the_new_one_alone() {
     assert_eq!(harness.world.lock().aliases_in("win11"), [RECEIVER]);
     harness.stop().unwrap();
 }
+
+#[test]
+fn an_answer_that_comes_after_its_vm_stopped_leaves_no_failure_behind() {
+    let harness = Harness::start(
+        TWO_VMS,
+        FakeWorld::with_domains(&["win11", "fedora"]),
+        vec![],
+    );
+    harness.world.lock().block("win11");
+    harness.send_and_settle(plugged(receiver(5)));
+    // win11 stops while its attach hangs: the receiver goes to fedora.
+    harness.world.lock().stop_domain("win11");
+    harness.send_and_settle(Event::Domain {
+        domain: "win11".into(),
+        change: DomainChange::Stopped,
+    });
+    assert_eq!(harness.world.lock().aliases_in("fedora"), [RECEIVER]);
+    // The stuck attach comes back, domain gone. (The listing that follows hangs, so
+    // the state file shows what the answer alone left behind.)
+    harness.world.lock().block_listing();
+    harness.world.release("win11");
+    harness.settle();
+    let state = harness.state();
+    assert!(
+        state.failures.iter().all(|f| f.domain != "win11"),
+        "{:#?}",
+        state.failures
+    );
+    assert_eq!(
+        state.recent_failures.last().unwrap().kind,
+        FailureKind::DomainGone
+    );
+    harness.world.release_listing();
+    harness.settle();
+    harness.stop().unwrap();
+}
