@@ -1,5 +1,6 @@
 //! The one closed `Event` enum: everything that can wake the daemon's loop.
 
+use crate::daemon::executor::CallFinished;
 use crate::model::{BusAddress, UsbDevice};
 use std::time::Instant;
 
@@ -52,6 +53,9 @@ pub enum Event {
     /// libvirt's DEVICE_ADDED: a device was hot-plugged into a running domain, by
     /// usbpass or by anyone else.
     DomainDeviceAdded { domain: String, alias: String },
+    /// A libvirt call the loop started off its thread returned (an attach, a detach,
+    /// a listing), however late.
+    CallFinished(Box<CallFinished>),
     /// The libvirt connection closed or broke.
     HypervisorDisconnected { reason: String },
     /// The rules file changed on disk.

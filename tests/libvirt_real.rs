@@ -121,7 +121,7 @@ second line</description>
     assert!(live.contains("ua-usbpass-evil") && live.contains('\u{fffd}'));
     assert!(live.contains("ua-usbpass-meta"));
 
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     let domains = hypervisor.running_domains().expect("running domains");
     let ours = domains
         .iter()
@@ -136,7 +136,7 @@ fn attach_of_an_absent_device_is_a_clear_error_and_the_connection_survives() {
     let _serial = serial();
     let domain = TestDomain::plain("attach");
     domain.start();
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     let error = hypervisor
         .attach(&domain.name, &hostdev())
         .expect_err("this machine has no USB device 046d:c52b");
@@ -180,7 +180,7 @@ fn attach_to_a_full_usb_controller_is_no_free_port() {
         "<input type='tablet' bus='usb'/>",
     );
     domain.start();
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     let error = hypervisor
         .attach(&domain.name, &hostdev())
         .expect_err("the controller is full");
@@ -195,7 +195,7 @@ fn calls_on_a_stopped_or_missing_domain_are_domain_gone() {
     let _serial = serial();
     let stopped = TestDomain::plain("stopped");
     let missing = format!("usbpass-test-lv-missing-{}", std::process::id());
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     for name in [stopped.name.as_str(), missing.as_str()] {
         let error = hypervisor
             .attach(name, &hostdev())
@@ -216,7 +216,7 @@ fn detach_of_an_absent_or_foreign_alias_is_a_clear_error() {
     let _serial = serial();
     let domain = TestDomain::plain("detach");
     domain.start();
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     let error = hypervisor
         .detach(&domain.name, &alias("ua-usbpass-absent"))
         .expect_err("no such alias");
@@ -323,7 +323,7 @@ fn running_domains_reads_usb_hostdevs_of_a_running_test_driver_domain() {
     .unwrap();
     let uri = format!("test://{}", node.path().display());
     let (sender, _events) = mpsc::channel();
-    let mut hypervisor = connect(&uri, sender).expect("open the test driver");
+    let hypervisor = connect(&uri, sender).expect("open the test driver");
     let domains = hypervisor.running_domains().expect("running domains");
     assert_eq!(domains.len(), 1);
     assert_eq!(domains[0].name, "usbpass-test-lv-testdriver");
@@ -394,7 +394,7 @@ fn a_server_side_disconnect_reaches_the_channel_and_a_new_connection_works() {
     wait_until("earlier connections closing", || {
         our_clients().unwrap().is_empty()
     });
-    let (mut hypervisor, events) = open();
+    let (hypervisor, events) = open();
     let clients = our_clients().unwrap();
     assert_eq!(clients.len(), 1, "exactly our one connection: {clients:?}");
     // Only our own client is dropped by the server; libvirtd and its other clients
@@ -420,7 +420,7 @@ fn a_server_side_disconnect_reaches_the_channel_and_a_new_connection_works() {
     drop(hypervisor);
 
     // What the daemon's reconnect does: connect again, and it works.
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     hypervisor
         .running_domains()
         .expect("running domains after reconnecting");
@@ -483,7 +483,7 @@ fn a_remote_style_uri_with_keepalive_works() {
     assert!(!usbpass::hypervisor::libvirt::is_local_uri(&uri));
     let domain = TestDomain::plain("remote");
     let (sender, events) = mpsc::channel();
-    let mut hypervisor = connect(&uri, sender).expect("connect through the ext transport");
+    let hypervisor = connect(&uri, sender).expect("connect through the ext transport");
     domain.start();
     wait_for(&events, "started event over the ext transport", |event| {
         is_domain_change(event, &domain.name, DomainChange::Started)
@@ -548,7 +548,7 @@ fn owned_hostdevs_copied_into_a_definition_are_removed_and_the_vm_starts_again()
         "the vm started with a missing device"
     );
 
-    let (mut hypervisor, _events) = open();
+    let (hypervisor, _events) = open();
     let defined = hypervisor.owned_hostdevs_in_definitions().unwrap();
     let mine: Vec<_> = defined.iter().filter(|d| d.domain == domain.name).collect();
     assert_eq!(mine.len(), 1, "{defined:?}");

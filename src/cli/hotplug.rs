@@ -17,7 +17,7 @@ pub fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode, CliE
             device: Box::new(device),
         });
     }
-    let mut hypervisor = connect(&config.uri)?;
+    let hypervisor = connect(&config.uri)?;
     let domains = hypervisor.running_domains()?;
     if !domains.iter().any(|domain| domain.name == vm) {
         return Err(CliError::VmNotRunning {
@@ -46,7 +46,7 @@ pub fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode, CliE
 
 pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
-    let mut hypervisor = connect(&config.uri)?;
+    let hypervisor = connect(&config.uri)?;
     let domains = hypervisor.running_domains()?;
     // An alias names one hostdev directly, even one whose device is gone.
     if spec.starts_with(ALIAS_PREFIX) {

@@ -162,6 +162,12 @@ pub fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitC
                     println!("rules: refused, previous rules in force: {error}");
                 }
                 println!("running vms: {}", state.running_vms.join(", "));
+                for vm in &state.vms_not_answering {
+                    println!(
+                        "  not answering: vm {} ({}): {}",
+                        vm.name, vm.kind, vm.message
+                    );
+                }
                 for placement in state.devices.iter().filter(|p| !p.holders.is_empty()) {
                     println!(
                         "  {}  {} in {}",

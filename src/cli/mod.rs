@@ -146,7 +146,7 @@ fn load_config_for_reading(path: &Path) -> Result<Config, CliError> {
 fn running_domains(uri: &str) -> Option<Vec<DomainView>> {
     let result = connect(uri)
         .map_err(|error| error.to_string())
-        .and_then(|mut hypervisor| hypervisor.running_domains().map_err(|e| e.to_string()));
+        .and_then(|hypervisor| hypervisor.running_domains().map_err(|e| e.to_string()));
     match result {
         Ok(domains) => Some(domains),
         Err(message) => {

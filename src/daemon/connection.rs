@@ -1,11 +1,15 @@
-//! The libvirt connection state machine: connected, or waiting to reconnect. One
-//! backoff counts the failures in a row, refused connects and rounds that lost the
-//! connection alike (0.5 s doubling to 30 s), and a round that completes resets it.
+//! The libvirt connection state machine: connected, connecting, or waiting to
+//! reconnect. The connect runs on the executor, with a deadline: a libvirtd that
+//! accepts the socket and then does not answer cannot hold up the loop. One backoff
+//! counts the failures in a row, refused or unanswered connects and rounds that lost
+//! the connection alike (0.5 s doubling to 30 s), and a round that completes resets it.
 //! Keeps the last error for `usbpass status`.
 
+use crate::daemon::executor::{lock, CallId, Executor, Opened};
 use crate::event::Event;
 use crate::hypervisor::Connector;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -18,7 +22,7 @@ fn backoff(failures: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
-/// What `ensure_connected` found.
+/// What `ensure_connected` or `connect_finished` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
     /// Connected already.
@@ -26,15 +30,32 @@ pub enum Link {
     /// Connected just now: anything that failed against the old connection is worth
     /// trying again.
     Opened,
-    /// Not connected, and not due to try yet, or refused.
+    /// Not connected: a connect is under way, or not due yet, or was refused.
     Down,
 }
 
+/// A connect under way on the executor.
+struct Connecting {
+    call: CallId,
+    uri: String,
+    deadline: Instant,
+}
+
 pub struct Connection<C: Connector> {
-    connector: C,
+    connector: Arc<C>,
     /// Where each connection delivers libvirt's events: the loop's channel.
     events: Sender<Event>,
-    hypervisor: Option<C::Hypervisor>,
+    /// Shared with the calls under way on it: a connection given up on lives until
+    /// its last stuck call returns.
+    hypervisor: Option<Arc<C::Hypervisor>>,
+    /// Counts the connections opened: tells an answer on this one from a late answer
+    /// on one given up on.
+    generation: u64,
+    connecting: Option<Connecting>,
+    /// Where the connect threads leave their connections.
+    opened: Opened<C::Hypervisor>,
+    /// How long a connect may take before it is given up on.
+    connect_deadline: Duration,
     /// Refused connects and rounds that lost the connection, in a row.
     failures_in_a_row: u32,
     /// When to connect next; `None` while connected.
@@ -43,29 +64,52 @@ pub struct Connection<C: Connector> {
 }
 
 impl<C: Connector> Connection<C> {
-    /// Disconnected, with the first connect due at `now`.
-    pub fn new(connector: C, events: Sender<Event>, now: Instant) -> Connection<C> {
+    /// Disconnected, with the first connect due at `now`; a connect may take up to
+    /// `connect_deadline`.
+    pub fn new(
+        connector: C,
+        events: Sender<Event>,
+        now: Instant,
+        connect_deadline: Duration,
+    ) -> Connection<C> {
         Connection {
-            connector,
+            connector: Arc::new(connector),
             events,
             hypervisor: None,
+            generation: 0,
+            connecting: None,
+            opened: Opened::default(),
+            connect_deadline,
             failures_in_a_row: 0,
             next_attempt: Some(now),
             last_error: None,
         }
     }
 
+    pub fn set_connect_deadline(&mut self, deadline: Duration) {
+        self.connect_deadline = deadline;
+    }
+
     pub fn is_connected(&self) -> bool {
         self.hypervisor.is_some()
     }
 
-    pub fn hypervisor(&mut self) -> Option<&mut C::Hypervisor> {
-        self.hypervisor.as_mut()
+    pub fn hypervisor(&self) -> Option<Arc<C::Hypervisor>> {
+        self.hypervisor.clone()
     }
 
-    /// When the next connect is due; `None` while connected.
+    /// The number of the current (or last) connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// When the next connect is due, or the one under way is given up on; `None`
+    /// while connected.
     pub fn next_attempt(&self) -> Option<Instant> {
-        self.next_attempt
+        match &self.connecting {
+            Some(connecting) => Some(connecting.deadline),
+            None => self.next_attempt,
+        }
     }
 
     /// Why the connection is down, or the last reason it went down.
@@ -73,36 +117,89 @@ impl<C: Connector> Connection<C> {
         self.last_error.as_deref()
     }
 
-    /// Connects to `uri` when disconnected and the backoff allows it.
-    pub fn ensure_connected(&mut self, uri: &str, now: Instant) -> Link {
+    /// Starts a connect to `uri` on the executor when disconnected, no connect is under
+    /// way and the backoff allows it. Its answer comes back as a `CallFinished` for
+    /// `connect_finished`.
+    pub fn ensure_connected(&mut self, uri: &str, now: Instant, executor: &mut Executor) -> Link {
         if self.hypervisor.is_some() {
             return Link::Up;
         }
-        if self.next_attempt.is_some_and(|at| at > now) {
+        if self.connecting.is_some() || self.next_attempt.is_some_and(|at| at > now) {
             return Link::Down;
         }
-        match self.connector.connect(uri, self.events.clone()) {
+        let call = executor.start_connect(
+            self.connector.clone(),
+            uri,
+            self.events.clone(),
+            self.opened.clone(),
+        );
+        self.connecting = Some(Connecting {
+            call,
+            uri: uri.to_string(),
+            deadline: now + self.connect_deadline,
+        });
+        Link::Down
+    }
+
+    /// Whether `call` is a connect (under way, or given up on).
+    pub fn is_connect(&self, call: CallId) -> bool {
+        lock(&self.opened).contains_key(&call)
+    }
+
+    /// A connect returned. A connect given up on is closed (dropped) here.
+    pub fn connect_finished(&mut self, call: CallId, now: Instant) -> Link {
+        let Some(result) = lock(&self.opened).remove(&call) else {
+            return Link::Down;
+        };
+        if self.connecting.as_ref().is_none_or(|c| c.call != call) {
+            log::info!("closing a libvirt connection that opened after it was given up on");
+            return Link::Down;
+        }
+        let Some(Connecting { uri, .. }) = self.connecting.take() else {
+            return Link::Down;
+        };
+        match result {
             Ok(hypervisor) => {
                 log::info!("connected to libvirt at {uri}");
-                self.hypervisor = Some(hypervisor);
+                self.hypervisor = Some(Arc::new(hypervisor));
+                self.generation += 1;
                 self.last_error = None;
                 self.next_attempt = None;
                 Link::Opened
             }
             Err(error) => {
-                self.failures_in_a_row += 1;
-                let delay = backoff(self.failures_in_a_row);
-                let message = error.to_string();
-                // Once per new error, not once per attempt: a libvirtd down for an hour
-                // would fill the journal.
-                if self.last_error.as_deref() != Some(message.as_str()) {
-                    log::warn!("{error}; retrying in {} ms", delay.as_millis());
-                }
-                self.last_error = Some(message);
-                self.next_attempt = Some(now + delay);
+                self.refused(error.to_string(), now);
                 Link::Down
             }
         }
+    }
+
+    /// Gives up on a connect past its deadline; the next waits its backoff. The
+    /// connect's thread runs on until libvirt answers, and what it opens is closed.
+    pub fn expire(&mut self, now: Instant) {
+        let Some(connecting) = self.connecting.take_if(|c| c.deadline <= now) else {
+            return;
+        };
+        self.refused(
+            format!(
+                "libvirt at {} does not answer: no connection within {} ms",
+                connecting.uri,
+                self.connect_deadline.as_millis()
+            ),
+            now,
+        );
+    }
+
+    fn refused(&mut self, message: String, now: Instant) {
+        self.failures_in_a_row += 1;
+        let delay = backoff(self.failures_in_a_row);
+        // Once per new error, not once per attempt: a libvirtd down for an hour
+        // would fill the journal.
+        if self.last_error.as_deref() != Some(message.as_str()) {
+            log::warn!("{message}; retrying in {} ms", delay.as_millis());
+        }
+        self.last_error = Some(message);
+        self.next_attempt = Some(now + delay);
     }
 
     /// The connection broke or is given up. The next connect is due at once, unless a
@@ -115,8 +212,10 @@ impl<C: Connector> Connection<C> {
         }
     }
 
-    /// A new URI: the next connect is due at once, with the backoff started afresh.
+    /// A new URI: the next connect is due at once, with the backoff started afresh; a
+    /// connect under way to the old one is given up on.
     pub fn connect_at_once(&mut self, now: Instant) {
+        self.connecting = None;
         self.next_attempt = Some(now);
         self.failures_in_a_row = 0;
     }
@@ -150,16 +249,68 @@ mod tests {
     use crate::testing::fake_hypervisor::{Call, FakeConnector, FakeWorld, SharedWorld};
 
     const URI: &str = "qemu:///system";
+    const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
-    fn connection(world: &SharedWorld, now: Instant) -> Connection<FakeConnector> {
+    /// A connection with the executor its connects run on, and the channel their
+    /// answers come back on.
+    struct Rig {
+        connection: Connection<FakeConnector>,
+        executor: Executor,
+        answers: std::sync::mpsc::Receiver<Event>,
+    }
+
+    impl std::ops::Deref for Rig {
+        type Target = Connection<FakeConnector>;
+        fn deref(&self) -> &Self::Target {
+            &self.connection
+        }
+    }
+
+    impl std::ops::DerefMut for Rig {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.connection
+        }
+    }
+
+    impl Rig {
+        /// `Connection::ensure_connected`, and the answer of the connect it started
+        /// handed to `connect_finished`, as the loop does.
+        fn ensure_connected(&mut self, uri: &str, now: Instant) -> Link {
+            let link = self
+                .connection
+                .ensure_connected(uri, now, &mut self.executor);
+            if self.connection.connecting.is_none() {
+                return link;
+            }
+            self.answer(now)
+        }
+
+        /// Waits for the next answer and hands it to `connect_finished`.
+        fn answer(&mut self, now: Instant) -> Link {
+            match self.answers.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::CallFinished(finished)) => {
+                    assert!(self.connection.is_connect(finished.call));
+                    self.connection.connect_finished(finished.call, now)
+                }
+                other => panic!("expected a connect's answer, got {other:?}"),
+            }
+        }
+    }
+
+    fn connection(world: &SharedWorld, now: Instant) -> Rig {
         let connector = FakeConnector {
             world: world.clone(),
         };
-        Connection::new(connector, std::sync::mpsc::channel().0, now)
+        let (sender, answers) = std::sync::mpsc::channel();
+        Rig {
+            connection: Connection::new(connector, sender.clone(), now, CONNECT_DEADLINE),
+            executor: Executor::new(sender),
+            answers,
+        }
     }
 
     /// A connection whose first connect, at `now`, was refused.
-    fn refused_once(now: Instant) -> (SharedWorld, Connection<FakeConnector>) {
+    fn refused_once(now: Instant) -> (SharedWorld, Rig) {
         let world = SharedWorld::new(FakeWorld::default());
         world.lock().refuse_connections = true;
         let mut connection = connection(&world, now);
@@ -177,7 +328,7 @@ mod tests {
     }
 
     /// A round that connects and then loses the connection: a call broke it.
-    fn lose_a_round(connection: &mut Connection<FakeConnector>, now: Instant) {
+    fn lose_a_round(connection: &mut Rig, now: Instant) {
         assert_eq!(connection.ensure_connected(URI, now), Link::Opened);
         connection.drop_connection("Cannot write data: Broken pipe".into(), now);
         connection.round_lost_connection(now);
@@ -265,5 +416,42 @@ mod tests {
         connection.connect_at_once(now);
         lose_a_round(&mut connection, now);
         assert_eq!(connection.next_attempt(), Some(now + ms(500)));
+    }
+
+    #[test]
+    fn a_connect_that_gets_no_answer_is_given_up_on_and_closed_when_it_opens() {
+        let world = SharedWorld::new(FakeWorld::default());
+        world.lock().block_connect();
+        let start = Instant::now();
+        let mut rig = connection(&world, start);
+        let link = rig
+            .connection
+            .ensure_connected(URI, start, &mut rig.executor);
+        assert_eq!(link, Link::Down);
+        assert_eq!(rig.next_attempt(), Some(start + CONNECT_DEADLINE));
+        let patience = Instant::now() + Duration::from_secs(10);
+        while world.lock().parked() == 0 {
+            assert!(Instant::now() < patience, "the connect did not start");
+            std::thread::sleep(ms(1));
+        }
+        // Not tried again while under way.
+        let link = rig
+            .connection
+            .ensure_connected(URI, start, &mut rig.executor);
+        assert_eq!((link, connects(&world)), (Link::Down, 1));
+
+        let deadline = start + CONNECT_DEADLINE;
+        rig.expire(deadline);
+        assert_eq!(
+            rig.last_error(),
+            Some("libvirt at qemu:///system does not answer: no connection within 10000 ms")
+        );
+        assert_eq!(rig.next_attempt(), Some(deadline + ms(500)));
+        // libvirtd answers late: that connection is closed, not used.
+        world.release_connect();
+        assert_eq!(rig.answer(deadline), Link::Down);
+        assert!(!rig.is_connected());
+        assert_eq!(rig.ensure_connected(URI, deadline + ms(500)), Link::Opened);
+        assert_eq!(connects(&world), 2);
     }
 }

@@ -1,15 +1,19 @@
 //! The daemon's loop: one channel of `Event`s in, reconcile, hand the due actions to
-//! the executor and book their outcomes, write the state file. It sleeps in a blocking
-//! receive while idle and sets a timeout only while a retry, a reconnect, a detach
-//! under way or the watchdog is due. Each of its parts has a file: `connection`,
-//! `retries`, `pending_detaches`, `executor`, `decision` (the log line), `status`,
-//! `clock`.
+//! the executor and book their outcomes when they come back as events, write the state
+//! file. No libvirt call but the connect runs on the loop's thread: a stuck libvirtd or
+//! QEMU holds up its own calls, never the loop, its other VMs or the watchdog. It
+//! sleeps in a blocking receive while idle and sets a timeout only while a retry, a
+//! reconnect, a detach under way, a call's deadline or the watchdog is due. Each of its
+//! parts has a file: `connection`, `retries`, `pending_detaches`, `executor`,
+//! `in_flight`, `decision` (the log line), `status`, `clock`.
 
+mod calls;
 pub mod clock;
 mod connection;
 mod decision;
 mod definitions;
-mod executor;
+pub mod executor;
+mod in_flight;
 mod live_domains;
 pub mod lock;
 pub mod notify;
@@ -22,23 +26,25 @@ pub mod watch;
 use crate::daemon::clock::{Clock, MonotonicClock};
 use crate::daemon::connection::{Connection, Link};
 use crate::daemon::decision::DecisionTiming;
-use crate::daemon::executor::ActionOutcome;
+use crate::daemon::executor::{ActionOutcome, CallCounts, CallFinished, CallOutcome, Executor};
+use crate::daemon::in_flight::{CallKind, InFlight, CALL_DEADLINE};
 use crate::daemon::live_domains::LiveDomains;
 use crate::daemon::notify::Watchdog;
 use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
-use crate::daemon::state::DaemonState;
+use crate::daemon::state::{DaemonState, VmNotAnswering};
 use crate::daemon::status::{LoopView, Status};
 use crate::event::{DomainChange, Event};
 use crate::host::{DeviceSource, HostError};
-use crate::hypervisor::{Connector, DomainView, FailureKind, HostdevSpec, Hypervisor};
+use crate::hypervisor::{Connector, FailureKind, HostdevSpec, HypervisorError, RunningDomains};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
 use crate::reconcile::{self, Action, Unavailable};
 use crate::rules::{Config, ConfigError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +62,6 @@ pub enum DaemonError {
     #[error("the event channel closed: every event source is gone")]
     EventsClosed,
 }
-
-/// After this many rounds of act-then-verify in one wake-up, the loop waits for the
-/// next event or retry: a guard against two actions undoing each other forever.
-const MAX_ROUNDS_PER_WAKE: usize = 3;
 
 pub struct DaemonOptions {
     pub config_path: PathBuf,
@@ -85,6 +87,7 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     /// Set when a persistent definition may hold a hostdev usbpass made: after a
     /// connect and after a VM is defined. See `definitions`.
     definitions_unchecked: bool,
+    definitions: definitions::DefinitionsChore,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
     retries: RetryBook,
@@ -94,6 +97,15 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     timing: DecisionTiming,
     watchdog: Watchdog,
     status: Status,
+    /// Runs the libvirt calls off this thread.
+    executor: Executor,
+    /// The calls out, and their deadlines.
+    in_flight: InFlight,
+    call_deadline: Duration,
+    /// When the last reconcile began: a deadline at or before it was considered then and
+    /// could not be acted on (its VM busy, the copy being read); the answer that frees
+    /// it wakes the loop, so waiting for it again would only spin.
+    converged_at: Option<Instant>,
 }
 
 impl<C: Connector, S: DeviceSource> Daemon<C, S> {
@@ -130,7 +142,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         events: Receiver<Event>,
         clock: K,
     ) -> Self {
-        let connection = Connection::new(connector, events_sender, clock.now());
+        let executor = Executor::new(events_sender.clone());
+        let connection = Connection::new(connector, events_sender, clock.now(), CALL_DEADLINE);
         let watchdog = Watchdog::new(options.watchdog);
         Daemon {
             connection,
@@ -144,13 +157,32 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             live: LiveDomains::new(),
             ready_after_converge: false,
             definitions_unchecked: true,
+            definitions: definitions::DefinitionsChore::default(),
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
             unavailable: Unavailable::default(),
             timing: DecisionTiming::new(),
             watchdog,
             status: Status::new(),
+            executor,
+            in_flight: InFlight::default(),
+            call_deadline: CALL_DEADLINE,
+            converged_at: None,
         }
+    }
+
+    /// How long a connect, an attach, a detach or a listing may take before the loop
+    /// gives up waiting for it (`CALL_DEADLINE` unless set).
+    pub fn with_call_deadline(mut self, deadline: Duration) -> Self {
+        self.call_deadline = deadline;
+        self.connection.set_connect_deadline(deadline);
+        self
+    }
+
+    /// The executor's count of calls issued and answered, for tests that wait for the
+    /// loop to have heard back from every call that can answer.
+    pub fn call_counts(&self) -> Arc<CallCounts> {
+        self.executor.counts()
     }
 
     /// Runs until `Event::Terminate`. Errors only when it can no longer see devices.
@@ -205,17 +237,21 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn next_deadline(&self) -> Option<Instant> {
         // While disconnected only the reconnect matters: retries wait for a connection.
         let work = if self.connection.is_connected() {
-            [
+            vec![
                 self.retries.next_attempt(),
                 self.pending_detaches.next_deadline(),
+                self.live.reread_at(),
             ]
-            .into_iter()
-            .flatten()
-            .min()
         } else {
-            self.connection.next_attempt()
+            vec![self.connection.next_attempt()]
         };
-        work.into_iter().chain(self.watchdog.next_ping()).min()
+        // A call's deadline counts whatever the connection: a stuck VM is shown as such.
+        work.into_iter()
+            .chain([self.in_flight.next_deadline()])
+            .flatten()
+            .filter(|at| self.converged_at.is_none_or(|converged| *at > converged))
+            .chain(self.watchdog.next_ping())
+            .min()
     }
 
     /// Updates the loop's view; returns true to stop.
@@ -290,7 +326,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.unavailable.no_free_port.remove(&domain);
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
-                    DomainChange::Stopped => self.live.domain_stopped(&domain),
+                    DomainChange::Stopped => {
+                        self.live.domain_stopped(&domain);
+                        self.executor.forget_vm(&domain);
+                    }
                     DomainChange::Defined => {
                         self.definitions_unchecked = true;
                         self.live.invalidate();
@@ -299,7 +338,11 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
             }
             Event::DomainDeviceAdded { domain, alias } => {
-                self.live.device_added(&domain, &alias);
+                // Our own attach, announced before its call returned: booking the
+                // answer puts it in the copy.
+                if !self.in_flight.attaching(&domain, &alias) {
+                    self.live.device_added(&domain, &alias);
+                }
             }
             Event::DomainDeviceRemoved { domain, alias } => {
                 self.pending_detaches.finished(&domain, &alias);
@@ -315,6 +358,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     self.retries.forget_device(address);
                 }
             }
+            Event::CallFinished(finished) => self.call_finished(*finished),
             Event::HypervisorDisconnected { reason } => {
                 log::warn!("libvirt connection lost: {reason}");
                 self.drop_connection(reason);
@@ -419,152 +463,106 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         self.status.disconnected();
     }
 
-    /// Reconcile until nothing is due, at most `MAX_ROUNDS_PER_WAKE` times, then write
-    /// the state file.
+    /// Reconciles once: reads the live XML if the copy is stale (off the loop; the
+    /// listing's answer is the next wake), else plans and hands what is due to the
+    /// executor. Then writes the state file. Each answer wakes the loop for the next
+    /// round, so a round never waits for a call.
     fn converge(&mut self) {
-        for _ in 0..MAX_ROUNDS_PER_WAKE {
-            match self
-                .connection
-                .ensure_connected(&self.config.uri, self.clock.now())
-            {
-                Link::Up => {}
-                // Anything that failed against the old connection is due again.
-                Link::Opened => {
-                    self.retries.clear();
-                    self.definitions_unchecked = true;
-                }
-                Link::Down => break,
-            }
-            if std::mem::take(&mut self.definitions_unchecked) {
-                if let Some(hypervisor) = self.connection.hypervisor() {
-                    definitions::remove_owned_hostdevs_from_definitions(hypervisor);
-                }
-            }
-            if self.live.is_stale() {
-                let Some(domains) = self.list_domains() else {
-                    self.connection.round_lost_connection(self.clock.now());
-                    break;
-                };
-                self.live.refreshed(domains);
-            }
-            let mut domains = self.live.domains().to_vec();
-            if self.pending_detaches.hide(&mut domains, self.clock.now()) {
-                // A detach that did not finish in time: what libvirt shows now, only a
-                // fresh read tells.
-                self.live.invalidate();
-                continue;
-            }
-            let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-            let mut plan =
-                reconcile::plan_with(&self.config, &devices, &domains, &self.unavailable);
-            // An attach under the alias of a detach still under way would be refused
-            // as a duplicate alias: it waits for DEVICE_REMOVED.
-            plan.actions.retain(|action| {
-                !matches!(action, Action::Attach { domain, alias, .. }
-                    if self.pending_detaches.contains(domain, alias))
-            });
-            self.retries.keep_wanted(&plan.actions);
-            let now = self.clock.now();
-            let due: Vec<Action> = plan
-                .actions
-                .iter()
-                .filter(|action| self.retries.is_due(action, now))
-                .cloned()
-                .collect();
-            self.status.saw(&domains, plan.placements);
-            if due.is_empty() && !self.live.is_unverified() {
-                self.connection.round_completed();
-                break;
-            }
-            if !self.carry_out(due) {
-                self.connection.round_lost_connection(self.clock.now());
-                break;
-            }
-            if self.live.is_unverified() {
-                // A domain started: now that what it waited for is on its way, read
-                // what its live XML really holds.
-                self.live.invalidate();
-            }
-            self.connection.round_completed();
-        }
+        self.converged_at = Some(self.clock.now());
+        self.expire_calls();
+        self.round();
         self.write_state();
     }
 
-    fn list_domains(&mut self) -> Option<Vec<DomainView>> {
-        let hypervisor = self.connection.hypervisor()?;
-        match hypervisor.running_domains() {
-            Ok(domains) => Some(domains),
-            Err(error) => {
-                // Without the domain list nothing can be decided: start over with a
-                // fresh connection (after a backoff, see `round_lost_connection`).
-                log::warn!("{error}");
-                self.drop_connection(error.to_string());
-                None
-            }
-        }
-    }
-
-    /// Carries out the due actions in order. Returns false when one broke the
-    /// connection and the round must end.
-    fn carry_out(&mut self, due: Vec<Action>) -> bool {
-        for action in due {
-            let Some(hypervisor) = self.connection.hypervisor() else {
-                return false;
-            };
-            let cause = self.timing.cause(&action);
-            let outcome = executor::execute(hypervisor, action);
-            if !self.book(outcome, cause) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Logs the decision and books its outcome. Returns false when the call broke the
-    /// connection.
-    fn book(&mut self, outcome: ActionOutcome, cause: Instant) -> bool {
+    fn round(&mut self) {
         let now = self.clock.now();
-        match &outcome.result {
-            Ok(()) => {
-                log::info!("{}", decision::success_line(&outcome, cause));
-                match &outcome.action {
-                    Action::Detach { domain, alias, .. } => {
-                        self.pending_detaches.requested(domain, alias, now)
-                    }
-                    Action::Attach {
-                        domain,
-                        device,
-                        alias,
-                        ..
-                    } => self
-                        .live
-                        .attached(domain, &HostdevSpec::new(device, alias.clone())),
-                }
-                self.retries.succeeded(&outcome.action);
-                true
+        // A connect runs on the executor: its answer is the next wake.
+        if self
+            .connection
+            .ensure_connected(&self.config.uri, now, &mut self.executor)
+            != Link::Up
+        {
+            return;
+        }
+        if std::mem::take(&mut self.definitions_unchecked) {
+            if let Some(hypervisor) = self.connection.hypervisor() {
+                self.definitions.request(hypervisor);
             }
-            Err(error) => {
-                // The live XML is not what the loop believed (a vm gone, a duplicate,
-                // a device already taken): read it again before the next plan.
-                self.live.invalidate();
-                if let (FailureKind::NoFreePort, Action::Attach { domain, .. }) =
-                    (error.kind(), &outcome.action)
-                {
-                    // The rule's next running VM gets the device meanwhile; the status
-                    // says why this one was passed over.
-                    self.unavailable.no_free_port.insert(domain.clone());
+        }
+        if self.live.reread_at().is_some_and(|at| at <= now) {
+            self.live.invalidate();
+        }
+        if self.live.is_stale() {
+            self.start_listing();
+            return;
+        }
+        let mut domains = self.live.domains().to_vec();
+        if self.pending_detaches.hide(&mut domains, now) {
+            // A detach that did not finish in time: what libvirt shows now, only a
+            // fresh read tells.
+            self.live.invalidate();
+            self.start_listing();
+            return;
+        }
+        let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
+        let mut plan = reconcile::plan_with(&self.config, &devices, &domains, &self.unavailable);
+        // An attach under the alias of a detach still under way would be refused
+        // as a duplicate alias: it waits for DEVICE_REMOVED.
+        plan.actions.retain(|action| {
+            !matches!(action, Action::Attach { domain, alias, .. }
+                if self.pending_detaches.contains(domain, alias))
+        });
+        self.retries.keep_wanted(&plan.actions);
+        // One call per VM at a time, in the plan's order (detaches first); none to a VM
+        // that has not answered a call yet or whose XML could not be read: what it
+        // holds is unknown, so nothing is attached to it or detached from it.
+        let mut issued: BTreeSet<String> = BTreeSet::new();
+        let due: Vec<Action> = plan
+            .actions
+            .iter()
+            .filter(|action| self.retries.is_due(action, now))
+            .filter(|action| {
+                let domain = action.domain();
+                !self.in_flight.busy(domain)
+                    && !self.live.is_unreadable(domain)
+                    && issued.insert(domain.to_string())
+            })
+            .cloned()
+            .collect();
+        self.status.saw(&domains, plan.placements);
+        if due.is_empty() {
+            if self.live.is_unverified() {
+                if !self.in_flight.any_action_waited_for() {
+                    // A domain started and what it waited for is in: read what its live
+                    // XML really holds.
+                    self.live.invalidate();
+                    self.start_listing();
                 }
-                let booked = self.retries.failed(&outcome.action, error, now);
-                log::warn!(
-                    "{}",
-                    decision::failure_line(&outcome, cause, error, booked.attempts, booked.delay)
-                );
-                if error.kind() == FailureKind::ConnectionLost {
-                    self.drop_connection(error.to_string());
-                    return false;
-                }
-                true
+            } else {
+                self.connection.round_completed();
             }
+            return;
+        }
+        let Some(hypervisor) = self.connection.hypervisor() else {
+            return;
+        };
+        for action in due {
+            let cause = self.timing.cause(&action);
+            let call = self
+                .executor
+                .start_action(hypervisor.clone(), action.clone());
+            let kind = CallKind::Action {
+                action,
+                cause,
+                started: Instant::now(),
+            };
+            self.in_flight.started(
+                call,
+                kind,
+                self.connection.generation(),
+                now,
+                self.call_deadline,
+            );
         }
     }
 
@@ -577,6 +575,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             connected: self.connection.is_connected(),
             libvirt_error: self.connection.last_error(),
             retries: &self.retries,
+            vms_not_answering: self.vms_not_answering(),
         }
     }
 

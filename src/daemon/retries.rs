@@ -26,8 +26,9 @@ pub fn retry_delay(kind: FailureKind, attempts: u32) -> Option<Duration> {
         FailureKind::DeviceNotFound => &NOT_FOUND,
         FailureKind::DeviceInUse | FailureKind::NoFreePort | FailureKind::Other => &SLOW,
         // A lifecycle event follows a vanished domain; a broken connection is healed
-        // by reconnecting, after which everything is due again.
-        FailureKind::DomainGone | FailureKind::ConnectionLost => &[],
+        // by reconnecting, after which everything is due again; a call past its
+        // deadline is retried once its real answer is in (it holds its VM until then).
+        FailureKind::DomainGone | FailureKind::ConnectionLost | FailureKind::TimedOut => &[],
     };
     let index = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
     schedule.get(index).map(|ms| Duration::from_millis(*ms))
@@ -105,6 +106,14 @@ impl RetryBook {
             },
         );
         Booked { attempts, delay }
+    }
+
+    /// A failure that says nothing about the next attempt (it broke a connection that
+    /// has been replaced since): the action is due at `now`, its record kept.
+    pub fn due_at_once(&mut self, action: &Action, now: Instant) {
+        if let Some(failure) = self.failures.get_mut(&key_of(action)) {
+            failure.next_attempt = Some(now);
+        }
     }
 
     /// A failure whose action the rules no longer want is forgotten.

@@ -54,6 +54,15 @@ pub struct ActionFailure {
     pub retry_in_ms: Option<u64>,
 }
 
+/// A running VM the daemon leaves alone for now: a call to it is past its deadline
+/// and has not returned (`timed-out`), or its live XML could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNotAnswering {
+    pub name: String,
+    pub kind: FailureKind,
+    pub message: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LibvirtStatus {
     pub uri: String,
@@ -78,6 +87,9 @@ pub struct DaemonState {
     pub rule_count: usize,
     pub libvirt: LibvirtStatus,
     pub running_vms: Vec<String>,
+    /// Running VMs that get no call until they answer; absent in files from before it.
+    #[serde(default)]
+    pub vms_not_answering: Vec<VmNotAnswering>,
     pub devices: Vec<Placement>,
     /// Failed actions still wanted, waiting for a retry or an event.
     pub failures: Vec<ActionFailure>,
@@ -164,6 +176,7 @@ mod tests {
             devices: vec![],
             failures: vec![],
             recent_failures: vec![],
+            vms_not_answering: vec![],
         };
         state.write(&path).unwrap();
         let read = DaemonState::read(&path).unwrap();

@@ -2,7 +2,7 @@
 //! for `usbpass status`, and the one-line STATUS it gives systemd.
 
 use crate::daemon::retries::RetryBook;
-use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, STATE_FORMAT};
+use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, VmNotAnswering, STATE_FORMAT};
 use crate::hypervisor::DomainView;
 use crate::reconcile::Placement;
 use crate::rules::Config;
@@ -27,6 +27,7 @@ pub struct LoopView<'a> {
     pub connected: bool,
     pub libvirt_error: Option<&'a str>,
     pub retries: &'a RetryBook,
+    pub vms_not_answering: Vec<VmNotAnswering>,
 }
 
 impl Status {
@@ -57,7 +58,7 @@ impl Status {
             .iter()
             .filter(|p| !p.holders.is_empty())
             .count();
-        format!(
+        let mut line = format!(
             "{} rules, {} devices, {} passed through, libvirt {}",
             view.config.rules.len(),
             view.device_count,
@@ -67,7 +68,16 @@ impl Status {
             } else {
                 "disconnected"
             }
-        )
+        );
+        if !view.vms_not_answering.is_empty() {
+            let names: Vec<&str> = view
+                .vms_not_answering
+                .iter()
+                .map(|vm| vm.name.as_str())
+                .collect();
+            line.push_str(&format!(", not answering: {}", names.join(" ")));
+        }
+        line
     }
 
     pub fn snapshot(&self, view: &LoopView) -> DaemonState {
@@ -86,6 +96,7 @@ impl Status {
                 last_error: view.libvirt_error.map(str::to_string),
             },
             running_vms: self.running_vms.clone(),
+            vms_not_answering: view.vms_not_answering.clone(),
             devices: self.placements.clone(),
             failures: view.retries.current(),
             recent_failures: view.retries.recent(),
@@ -166,6 +177,7 @@ mod tests {
             connected: true,
             libvirt_error: None,
             retries: &retries,
+            vms_not_answering: Vec::new(),
         };
         assert_eq!(
             status.line(&view),

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::daemon::clock::manual::{ManualClock, PATIENCE};
+use crate::daemon::executor::CallCounts;
 use crate::event::DomainChange;
 use crate::testing::devices::device;
 use crate::testing::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
@@ -24,10 +25,22 @@ struct Harness {
     sender: Sender<Event>,
     thread: Option<JoinHandle<Result<(), DaemonError>>>,
     directory: tempfile::TempDir,
+    /// The executor's calls issued and answered.
+    calls: Arc<CallCounts>,
 }
 
 impl Harness {
     fn start(rules: &str, world: FakeWorld, present: Vec<UsbDevice>) -> Harness {
+        Harness::start_with(rules, world, present, None)
+    }
+
+    /// `start`, with systemd's watchdog asking for a ping every `watchdog`.
+    fn start_with(
+        rules: &str,
+        world: FakeWorld,
+        present: Vec<UsbDevice>,
+        watchdog: Option<Duration>,
+    ) -> Harness {
         let directory = tempfile::tempdir().unwrap();
         let config_path = directory.path().join("usbpass.toml");
         std::fs::write(&config_path, rules).unwrap();
@@ -38,7 +51,7 @@ impl Harness {
         let options = DaemonOptions {
             config_path,
             state_path: directory.path().join("state.json"),
-            watchdog: None,
+            watchdog,
         };
         let clock = ManualClock::new();
         let mut daemon = Daemon::with_clock(
@@ -52,6 +65,7 @@ impl Harness {
             receiver,
             clock.clone(),
         );
+        let calls = daemon.call_counts();
         let thread = Some(std::thread::spawn(move || daemon.run()));
         let harness = Harness {
             world,
@@ -60,10 +74,31 @@ impl Harness {
             sender,
             thread,
             directory,
+            calls,
         };
         // The first reconcile and its state file.
-        harness.clock.settle();
+        harness.settle();
         harness
+    }
+
+    /// Waits until every call that can answer has answered (all but those the fake
+    /// holds on purpose) and the loop has handled every answer and is idle. Returns
+    /// what the idle loop waits for: how long until its next deadline, `None` for an
+    /// event only.
+    fn settle(&self) -> Option<Duration> {
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            let before = self.calls.get();
+            let parked = self.world.lock().parked() as u64;
+            // Every answer that will come is on the channel before this idle poll.
+            let all_answered = before.0 - before.1 == parked;
+            let wake = self.clock.settle();
+            if all_answered && self.calls.get() == before {
+                return wake;
+            }
+            assert!(Instant::now() < give_up, "the calls did not settle");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn send(&self, event: Event) {
@@ -73,19 +108,19 @@ impl Harness {
     /// Send an event and wait until the loop has handled it and is idle again.
     fn send_and_settle(&self, event: Event) {
         self.send(event);
-        self.clock.settle();
+        self.settle();
     }
 
     /// Move the loop's clock on and wait until it has done what came due.
     fn advance(&self, by: Duration) {
         self.clock.advance(by);
-        self.clock.settle();
+        self.settle();
     }
 
     /// How long the idle loop waits before it acts on its own: the retry, reconnect
     /// or detach grace it scheduled. `None`: it waits for an event.
     fn next_wake(&self) -> Option<Duration> {
-        self.clock.settle()
+        self.settle()
     }
 
     fn count(&self, predicate: impl Fn(&Call) -> bool) -> usize {
@@ -440,7 +475,7 @@ fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
     assert_eq!(harness.state().failures[0].retry_in_ms, Some(5_000));
     // libvirt reports the detach from fedora: the attach is due at once, not in 5 s.
     harness.world.lock().finish_detaches();
-    harness.clock.settle();
+    harness.settle();
     assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
     harness.stop().unwrap();
 }
@@ -505,3 +540,4 @@ fn sighup_rescans_devices_and_heals_missed_events() {
 
 mod plugs;
 mod rules_file;
+mod stuck;

@@ -75,6 +75,23 @@ pub struct DefinedHostdevs {
     pub aliases: Vec<HostdevAlias>,
 }
 
+/// A running domain whose live XML could not be read: nothing is known of its
+/// hostdevs, so nothing may be attached to it or detached from it until it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableDomain {
+    pub name: String,
+    pub error: HypervisorError,
+}
+
+/// One listing of the running domains: those whose live XML was read, sorted by name,
+/// and those whose XML could not be read. One VM that does not answer does not hide
+/// the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunningDomains {
+    pub readable: Vec<DomainView>,
+    pub unreadable: Vec<UnreadableDomain>,
+}
+
 /// A running domain and its USB hostdevs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainView {
@@ -96,6 +113,9 @@ pub enum FailureKind {
     DomainGone,
     /// The connection to libvirt broke.
     ConnectionLost,
+    /// No answer within the call's deadline: libvirtd or the VM's QEMU is stuck. The
+    /// call cannot be cancelled; its real answer is booked when it comes.
+    TimedOut,
     Other,
 }
 
@@ -109,6 +129,7 @@ impl FailureKind {
             FailureKind::NoFreePort => "no-free-port",
             FailureKind::DomainGone => "domain-gone",
             FailureKind::ConnectionLost => "connection-lost",
+            FailureKind::TimedOut => "timed-out",
             FailureKind::Other => "other",
         }
     }
@@ -173,34 +194,51 @@ impl HypervisorError {
 }
 
 /// What the daemon and the CLI need from libvirt. Calls are synchronous; events arrive
-/// separately as `Event`s.
-pub trait Hypervisor {
-    /// Every running domain with the USB hostdevs of its live XML.
-    fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError>;
+/// separately as `Event`s. One connection is shared by several threads at once (the
+/// daemon runs each VM's calls on a thread of its own, libvirt's client allows
+/// concurrent calls on one connection), hence `&self`, `Send` and `Sync`.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Every running domain, each with the USB hostdevs of its live XML or the error
+    /// that kept it from being read. Fails as a whole only when the list itself cannot
+    /// be had.
+    fn list_running(&self) -> Result<RunningDomains, HypervisorError>;
     /// Hot-plug a hostdev, live only, so the persistent config never names a device
     /// that may be absent at the next boot.
-    fn attach(&mut self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError>;
+    fn attach(&self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError>;
     /// Hot-unplug the hostdev with this alias, live only. The alias type admits only
     /// hostdevs usbpass made.
-    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError>;
+    fn detach(&self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError>;
+
+    /// Every running domain with the USB hostdevs of its live XML; fails on the first
+    /// domain whose XML cannot be read (the CLI's all-or-nothing view).
+    fn running_domains(&self) -> Result<Vec<DomainView>, HypervisorError> {
+        let listing = self.list_running()?;
+        match listing.unreadable.into_iter().next() {
+            Some(unreadable) => Err(unreadable.error),
+            None => Ok(listing.readable),
+        }
+    }
+
     /// Every persistent domain, running or not, whose definition (the inactive XML, not
     /// the live one) holds hostdevs usbpass made.
-    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError>;
+    fn owned_hostdevs_in_definitions(&self) -> Result<Vec<DefinedHostdevs>, HypervisorError>;
     /// Remove the hostdev with this alias from the domain's persistent definition only;
     /// a running domain keeps it live.
     fn remove_from_definition(
-        &mut self,
+        &self,
         domain: &str,
         alias: &HostdevAlias,
     ) -> Result<(), HypervisorError>;
 }
 
-/// Opens hypervisor connections; the daemon calls it again after a disconnect.
-pub trait Connector {
+/// Opens hypervisor connections; the daemon calls it again after a disconnect. The
+/// daemon connects on a thread of its own, so that a libvirtd that does not answer
+/// cannot hold up its loop: hence `&self`, `Send` and `Sync`.
+pub trait Connector: Send + Sync + 'static {
     type Hypervisor: Hypervisor;
     /// Connect and start delivering domain events into `events`.
     fn connect(
-        &mut self,
+        &self,
         uri: &str,
         events: Sender<Event>,
     ) -> Result<Self::Hypervisor, HypervisorError>;
@@ -218,6 +256,7 @@ mod tests {
             FailureKind::NoFreePort,
             FailureKind::DomainGone,
             FailureKind::ConnectionLost,
+            FailureKind::TimedOut,
             FailureKind::Other,
         ] {
             let json = serde_json::to_string(&kind).unwrap();

@@ -1,18 +1,20 @@
 //! A test double for the libvirt seam: an in-memory set of running domains that
-//! records every call and fails on demand, after cloud-hypervisor's
-//! `MockVfio::failing_at`. Used by the daemon's unit tests and by the benchmarks.
+//! records every call, fails on demand, after cloud-hypervisor's
+//! `MockVfio::failing_at`, and hangs on demand (a VM's calls, or the listing, wait
+//! until the test releases them, as they do with a stuck QEMU or libvirtd). Used by
+//! the daemon's unit tests and by the benchmarks.
 
 use crate::event::Event;
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{
     Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
-    UsbHostdev,
+    RunningDomains, UnreadableDomain, UsbHostdev,
 };
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// One recorded call.
@@ -65,6 +67,17 @@ pub struct FakeWorld {
     pub refuse_connections: bool,
     /// Where the current connection's events go, so a test can post libvirt events.
     pub events: Option<Sender<Event>>,
+    /// Domains whose live XML cannot be read: the listing reports them unreadable.
+    pub unreadable: BTreeSet<String>,
+    /// Attaches and detaches for these domains hang (recorded, then parked) until
+    /// `SharedWorld::release` lets them go.
+    blocked_domains: BTreeSet<String>,
+    /// Listings hang until `SharedWorld::release_listing`.
+    listing_blocked: bool,
+    /// Connects hang until `SharedWorld::release_connect`.
+    connect_blocked: bool,
+    /// What each call parked right now waits on.
+    parked: Vec<Hold>,
 }
 
 impl FakeWorld {
@@ -85,6 +98,36 @@ impl FakeWorld {
     pub fn failing_at(mut self, call: usize, kind: FailureKind) -> FakeWorld {
         self.failing_at.insert(call, kind);
         self
+    }
+
+    /// The calls for `domain` hang from now on until released.
+    pub fn block(&mut self, domain: &str) {
+        self.blocked_domains.insert(domain.to_string());
+    }
+
+    /// Listings hang from now on until released.
+    pub fn block_listing(&mut self) {
+        self.listing_blocked = true;
+    }
+
+    /// Connects hang from now on until released.
+    pub fn block_connect(&mut self) {
+        self.connect_blocked = true;
+    }
+
+    /// How many calls are hanging right now.
+    /// Calls parked and not released yet: a released call counts no more, even before
+    /// its thread runs on.
+    pub fn parked(&self) -> usize {
+        self.parked.iter().filter(|hold| self.holds(hold)).count()
+    }
+
+    fn holds(&self, hold: &Hold) -> bool {
+        match hold {
+            Hold::Domain(domain) => self.blocked_domains.contains(domain),
+            Hold::Listing => self.listing_blocked,
+            Hold::Connect => self.connect_blocked,
+        }
     }
 
     pub fn fail_every_call(&mut self, kind: Option<FailureKind>) {
@@ -155,20 +198,70 @@ impl FakeWorld {
     }
 }
 
-/// A shareable handle on a `FakeWorld`.
+/// What a parked call waits to be released from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    Domain(String),
+    Listing,
+    Connect,
+}
+
+/// A shareable handle on a `FakeWorld`, and the signal its parked calls wait on.
 #[derive(Debug, Clone, Default)]
-pub struct SharedWorld(Arc<Mutex<FakeWorld>>);
+pub struct SharedWorld(Arc<(Mutex<FakeWorld>, Condvar)>);
 
 impl SharedWorld {
     pub fn new(world: FakeWorld) -> SharedWorld {
-        SharedWorld(Arc::new(Mutex::new(world)))
+        SharedWorld(Arc::new((Mutex::new(world), Condvar::new())))
     }
 
     pub fn lock(&self) -> MutexGuard<'_, FakeWorld> {
         // A panicking test thread must not hide the world from the others.
         self.0
+             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The calls for `domain` parked now, and those to come, go on.
+    pub fn release(&self, domain: &str) {
+        self.lock().blocked_domains.remove(domain);
+        self.0 .1.notify_all();
+    }
+
+    /// The listings parked now, and those to come, go on.
+    pub fn release_listing(&self) {
+        self.lock().listing_blocked = false;
+        self.0 .1.notify_all();
+    }
+
+    /// The connects parked now, and those to come, go on.
+    pub fn release_connect(&self) {
+        self.lock().connect_blocked = false;
+        self.0 .1.notify_all();
+    }
+
+    /// Parks the calling thread, with the world unlocked, while `hold` holds.
+    fn park_while<'a>(
+        &'a self,
+        mut world: MutexGuard<'a, FakeWorld>,
+        hold: Hold,
+    ) -> MutexGuard<'a, FakeWorld> {
+        if !world.holds(&hold) {
+            return world;
+        }
+        world.parked.push(hold.clone());
+        while world.holds(&hold) {
+            world = self
+                .0
+                 .1
+                .wait(world)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if let Some(index) = world.parked.iter().position(|parked| *parked == hold) {
+            world.parked.remove(index);
+        }
+        world
     }
 }
 
@@ -183,23 +276,44 @@ fn message(kind: FailureKind) -> String {
         FailureKind::NoFreePort => "internal error: unable to execute QEMU command 'device_add': Bus 'usb.0' does not have an available port".into(),
         FailureKind::DomainGone => "Requested operation is not valid: domain is not running".into(),
         FailureKind::ConnectionLost => "Cannot write data: Broken pipe".into(),
+        FailureKind::TimedOut => "Timed out during operation: cannot acquire state change lock".into(),
         FailureKind::Other => "internal error: the fake was told to fail".into(),
     }
 }
 
 impl Hypervisor for FakeHypervisor {
-    fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError> {
+    fn list_running(&self) -> Result<RunningDomains, HypervisorError> {
         let mut world = self.world.lock();
-        if let Some(kind) = world.record(Call::ListDomains) {
+        let failure = world.record(Call::ListDomains);
+        let world = self.world.park_while(world, Hold::Listing);
+        if let Some(kind) = failure {
             return Err(HypervisorError::ListDomains {
                 kind,
                 message: message(kind),
             });
         }
-        Ok(world.domains.clone())
+        let (unreadable, readable) = world
+            .domains
+            .iter()
+            .cloned()
+            .partition(|view| world.unreadable.contains(&view.name));
+        Ok(RunningDomains {
+            readable,
+            unreadable: unreadable
+                .into_iter()
+                .map(|view: DomainView| UnreadableDomain {
+                    error: HypervisorError::ReadDomainXml {
+                        domain: view.name.clone(),
+                        kind: FailureKind::TimedOut,
+                        message: message(FailureKind::TimedOut),
+                    },
+                    name: view.name,
+                })
+                .collect(),
+        })
     }
 
-    fn attach(&mut self, domain: &str, spec: &HostdevSpec) -> Result<(), HypervisorError> {
+    fn attach(&self, domain: &str, spec: &HostdevSpec) -> Result<(), HypervisorError> {
         let mut world = self.world.lock();
         world.attach_times.push(Instant::now());
         // What libvirt's live XML shows after the attach: the address filled in.
@@ -215,10 +329,14 @@ impl Hypervisor for FakeHypervisor {
             kind,
             message: message(kind),
         };
-        if let Some(kind) = world.record(Call::Attach {
+        let failure = world.record(Call::Attach {
             domain: domain.to_string(),
             alias: alias.clone(),
-        }) {
+        });
+        let mut world = self
+            .world
+            .park_while(world, Hold::Domain(domain.to_string()));
+        if let Some(kind) = failure {
             return Err(fail(kind));
         }
         if let Some(kind) = world.failing_attaches.pop_front() {
@@ -246,7 +364,7 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
+    fn detach(&self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
         let alias = alias.as_str();
         let mut world = self.world.lock();
         let fail = |kind| HypervisorError::Detach {
@@ -255,10 +373,14 @@ impl Hypervisor for FakeHypervisor {
             kind,
             message: message(kind),
         };
-        if let Some(kind) = world.record(Call::Detach {
+        let failure = world.record(Call::Detach {
             domain: domain.to_string(),
             alias: alias.to_string(),
-        }) {
+        });
+        let mut world = self
+            .world
+            .park_while(world, Hold::Domain(domain.to_string()));
+        if let Some(kind) = failure {
             return Err(fail(kind));
         }
         let asynchronous = world.asynchronous_detach;
@@ -300,7 +422,7 @@ impl Hypervisor for FakeHypervisor {
         Ok(())
     }
 
-    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
+    fn owned_hostdevs_in_definitions(&self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
         let world = self.world.lock();
         Ok(world
             .definitions
@@ -317,7 +439,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn remove_from_definition(
-        &mut self,
+        &self,
         domain: &str,
         alias: &HostdevAlias,
     ) -> Result<(), HypervisorError> {
@@ -349,13 +471,10 @@ pub struct FakeConnector {
 impl Connector for FakeConnector {
     type Hypervisor = FakeHypervisor;
 
-    fn connect(
-        &mut self,
-        uri: &str,
-        events: Sender<Event>,
-    ) -> Result<FakeHypervisor, HypervisorError> {
+    fn connect(&self, uri: &str, events: Sender<Event>) -> Result<FakeHypervisor, HypervisorError> {
         let mut world = self.world.lock();
         world.calls.push(Call::Connect);
+        let mut world = self.world.park_while(world, Hold::Connect);
         if world.refuse_connections {
             return Err(HypervisorError::Connect {
                 uri: uri.to_string(),

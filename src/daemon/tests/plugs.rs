@@ -116,7 +116,7 @@ fn no_attach_under_the_alias_of_a_detach_still_under_way() {
     // libvirt would refuse a second hostdev with that alias while the first is there.
     assert_eq!(harness.world.lock().attaches().len(), 1);
     harness.world.lock().finish_detaches();
-    harness.clock.settle();
+    harness.settle();
     let world = harness.world.lock();
     assert_eq!(world.attaches().len(), 2);
     assert_eq!(world.aliases_in("win11"), ["ua-usbpass-1-5-046d-c52b"]);
@@ -235,6 +235,10 @@ fn owned_hostdevs_in_definitions_are_removed_at_start_and_after_a_define() {
             .cloned()
             .collect::<Vec<_>>()
     };
+    // The chore runs on a thread of its own.
+    harness.wait_until("the removal from win11's definition", |world| {
+        world.definitions["win11"] == ["ua-mine"]
+    });
     assert_eq!(
         removals(&harness),
         [Call::RemoveFromDefinition {
@@ -260,7 +264,9 @@ fn owned_hostdevs_in_definitions_are_removed_at_start_and_after_a_define() {
         domain: "lab".into(),
         change: DomainChange::Defined,
     });
+    harness.wait_until("the removal from lab's definition", |world| {
+        world.definitions["lab"].is_empty()
+    });
     assert_eq!(removals(&harness).len(), 2);
-    assert!(harness.world.lock().definitions["lab"].is_empty());
     harness.stop().unwrap();
 }

@@ -16,7 +16,7 @@ use xml::{build_usb_hostdev, parse_usb_hostdevs};
 use crate::event::Event;
 use crate::hypervisor::{
     Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
-    UsbHostdev,
+    RunningDomains, UnreadableDomain, UsbHostdev,
 };
 use crate::model::alias::HostdevAlias;
 use failure::LibvirtFailure;
@@ -146,7 +146,10 @@ pub fn connect(uri: &str, events: Sender<Event>) -> Result<LibvirtHypervisor, Li
     // once, so keepalive adds nothing there; across a network a silently dead peer is
     // only found by probing. (libvirtd's own keepalive, `keepalive_interval` in
     // libvirtd.conf, 5 s by default, still pings every client that runs an event loop;
-    // libvirt answers those pings on its event thread without an `Event`.)
+    // libvirt answers those pings on its event thread without an `Event`.) Keepalive is
+    // the remote driver's and would work on a unix socket too, but a local libvirtd that
+    // hangs instead of dying is caught by the daemon's deadline on every call, which
+    // costs no wake-up while idle.
     if !is_local_uri(uri) {
         connection
             .set_keep_alive(KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT)
@@ -178,7 +181,7 @@ impl Connector for LibvirtConnector {
     type Hypervisor = LibvirtHypervisor;
 
     fn connect(
-        &mut self,
+        &self,
         uri: &str,
         events: Sender<Event>,
     ) -> Result<LibvirtHypervisor, HypervisorError> {
@@ -308,14 +311,11 @@ impl LibvirtHypervisor {
         self.connection.lookup_domain_by_name(domain)
     }
 
-    fn read_domain(&self, domain: &Domain) -> Result<Option<DomainView>, HypervisorError> {
-        let name = domain.name().map_err(|error| {
-            let failure = LibvirtFailure::from_error(&error);
-            HypervisorError::ListDomains {
-                kind: failure.kind(),
-                message: failure.message,
-            }
-        })?;
+    fn read_domain(
+        &self,
+        domain: &Domain,
+        name: String,
+    ) -> Result<Option<DomainView>, HypervisorError> {
         let xml = match domain.xml_desc(0) {
             Ok(xml) => xml,
             Err(error) => {
@@ -343,7 +343,7 @@ impl LibvirtHypervisor {
 }
 
 impl Hypervisor for LibvirtHypervisor {
-    fn running_domains(&mut self) -> Result<Vec<DomainView>, HypervisorError> {
+    fn list_running(&self) -> Result<RunningDomains, HypervisorError> {
         let domains = self
             .connection
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -354,17 +354,28 @@ impl Hypervisor for LibvirtHypervisor {
                     message: failure.message,
                 }
             })?;
-        let mut views = Vec::with_capacity(domains.len());
+        let mut listing = RunningDomains::default();
         for domain in &domains {
-            if let Some(view) = self.read_domain(domain)? {
-                views.push(view);
+            // The name is the client's own copy: this makes no call.
+            let name = domain.name().map_err(|error| {
+                let failure = LibvirtFailure::from_error(&error);
+                HypervisorError::ListDomains {
+                    kind: failure.kind(),
+                    message: failure.message,
+                }
+            })?;
+            match self.read_domain(domain, name.clone()) {
+                Ok(Some(view)) => listing.readable.push(view),
+                Ok(None) => {}
+                // One VM whose XML cannot be read leaves the others readable.
+                Err(error) => listing.unreadable.push(UnreadableDomain { name, error }),
             }
         }
-        views.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(views)
+        listing.readable.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listing)
     }
 
-    fn attach(&mut self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError> {
+    fn attach(&self, domain: &str, hostdev: &HostdevSpec) -> Result<(), HypervisorError> {
         let attach_error = |kind, message| HypervisorError::Attach {
             domain: domain.to_string(),
             device: hostdev.to_string(),
@@ -385,7 +396,7 @@ impl Hypervisor for LibvirtHypervisor {
             .map_err(from_libvirt)
     }
 
-    fn detach(&mut self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
+    fn detach(&self, domain: &str, alias: &HostdevAlias) -> Result<(), HypervisorError> {
         self.detach_alias(domain, alias, sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|failure| HypervisorError::Detach {
                 domain: domain.to_string(),
@@ -395,7 +406,7 @@ impl Hypervisor for LibvirtHypervisor {
             })
     }
 
-    fn owned_hostdevs_in_definitions(&mut self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
+    fn owned_hostdevs_in_definitions(&self) -> Result<Vec<DefinedHostdevs>, HypervisorError> {
         let list_error = |failure: LibvirtFailure| HypervisorError::ListDefinitions {
             kind: failure.kind(),
             message: failure.message,
@@ -439,7 +450,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn remove_from_definition(
-        &mut self,
+        &self,
         domain: &str,
         alias: &HostdevAlias,
     ) -> Result<(), HypervisorError> {
