@@ -66,7 +66,7 @@ fn main() {
     let config = Config::load(&config_path).unwrap();
     // A realistic host: a few other VMs and devices the rules do not match.
     let world = SharedWorld::new(FakeWorld::with_domains(&["fedora", "lab", "win11"]));
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = usbpass::event::event_channel();
     let options = DaemonOptions {
         config_path,
         state_path: directory.path().join("state.json"),

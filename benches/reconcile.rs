@@ -66,6 +66,7 @@ fn rules() -> Vec<Rule> {
                 ],
                 reconnect: ReconnectMode::Id,
                 give_back: GiveBack::AtOnce,
+                follow_seconds: None,
                 line: index + 1,
             }
         })

@@ -2,7 +2,22 @@
 
 use crate::daemon::executor::CallFinished;
 use crate::model::{BusAddress, UsbDevice};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Instant;
+
+/// How many events may wait for the loop. The loop never waits for libvirt, so it
+/// drains the queue as fast as events come; a source that finds it full waits (the
+/// kernel buffers what udev has not read), so what the daemon holds stays bounded
+/// whatever a device or a VM does.
+pub const EVENT_QUEUE_CAPACITY: usize = 4096;
+
+/// The sending end of the loop's one channel, held by every event source.
+pub type EventSender = SyncSender<Event>;
+
+/// The loop's one channel, bounded at `EVENT_QUEUE_CAPACITY`.
+pub fn event_channel() -> (EventSender, Receiver<Event>) {
+    std::sync::mpsc::sync_channel(EVENT_QUEUE_CAPACITY)
+}
 
 /// What happened to a domain, as far as placement cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use crate::model::alias::{HostdevAlias, Ownership};
 use crate::model::{BusAddress, UsbDevice, UsbId};
 use crate::rules::{Config, GiveBack, RuleChoice};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 /// Why an owned hostdev is being removed.
@@ -107,14 +107,26 @@ impl PassReason {
     }
 }
 
-/// What the daemon knows about VMs beyond their live XML: those that cannot take one
-/// more device now. It learns this from failed attaches and forgets it when the VM
-/// changes; as plain data it keeps `plan` pure.
+/// What the daemon knows beyond the rules, the devices and the live XML, learned from
+/// what happened before: VMs that cannot take one more device now, and devices that
+/// follow an earlier one through re-enumeration. As plain data it keeps `plan` pure.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Unavailable {
+pub struct LoopFacts {
     /// VMs whose last attach failed for want of a free USB port. A device already in
-    /// one stays; another goes to its rule's next running VM.
+    /// one stays; another goes to its rule's next running VM. Forgotten when something
+    /// in that VM changes.
     pub no_free_port: BTreeSet<String>,
+    /// Devices no rule matches that appeared on a port within the `follow` window of a
+    /// rule whose device left a VM from there: each goes to that VM, for as long as it
+    /// stays plugged.
+    pub followed: BTreeMap<BusAddress, Followed>,
+}
+
+/// The rule and VM a device follows its predecessor on the same port into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    pub rule: String,
+    pub vm: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,15 +174,17 @@ fn resolve_hostdev<'a>(
 
 /// Compare and decide, with every running VM able to take a device. See the module doc.
 pub fn plan(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> Plan {
-    plan_with(config, devices, domains, &Unavailable::default())
+    plan_with(config, devices, domains, &LoopFacts::default())
 }
 
-/// Compare and decide, passing over the VMs in `unavailable` for devices not yet in them.
+/// Compare and decide with what the loop learned (`facts`): VMs without a free port are
+/// passed over for devices not yet in them, and followed devices go where their
+/// predecessor was.
 pub fn plan_with(
     config: &Config,
     devices: &[UsbDevice],
     domains: &[DomainView],
-    unavailable: &Unavailable,
+    facts: &LoopFacts,
 ) -> Plan {
     let by_address: HashMap<BusAddress, &UsbDevice> =
         devices.iter().map(|d| (d.address(), d)).collect();
@@ -212,7 +226,7 @@ pub fn plan_with(
                         if !running.contains(vm) {
                             return false;
                         }
-                        if !is_in(vm) && unavailable.no_free_port.contains(*vm) {
+                        if !is_in(vm) && facts.no_free_port.contains(*vm) {
                             skipped.push(PassedOver {
                                 vm: vm.to_string(),
                                 reason: PassReason::NoFreePort,
@@ -227,7 +241,16 @@ pub fn plan_with(
                     passed_over.insert(device.address(), skipped);
                 }
             }
-            RuleChoice::NoRule => {}
+            // A device no rule claims, which appeared where a followed rule's device
+            // left a VM: it goes to that VM, if it runs.
+            RuleChoice::NoRule => {
+                if let Some(followed) = facts.followed.get(&device.address()) {
+                    let vm = running
+                        .contains(followed.vm.as_str())
+                        .then_some(followed.vm.as_str());
+                    wanted.insert(device.address(), (followed.rule.as_str(), vm));
+                }
+            }
             RuleChoice::Undecided => {
                 undecided.insert(device.address());
             }

@@ -233,3 +233,63 @@ fn assign_ahead_of_the_plug_and_to_an_unknown_vm_says_so() {
         "usbpass: warning: no vm named \"tset\" is defined at test:///default; defined vms: test"
     );
 }
+
+#[test]
+fn why_explains_each_rule_the_vms_and_where_the_device_is() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(&format!(
+        "{START}\
+[[rule]]\nname = \"zigbee\"\nid = \"10c4:ea60\"\nvm = \"ha\"\n\n\
+[[rule]]\nname = \"on-port\"\nport = \"1-4\"\nvm = \"lab\"\n\n\
+[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = [\"win11\", \"test\"]\n\n\
+[[rule]]\nname = \"logitech\"\nvendor = \"046d\"\nvm = \"test\"\n"
+    ));
+    let text = cli.ok(&["why", "046d:c52b"]);
+    let line = |start: &str| {
+        text.lines()
+            .find(|line| line.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting {start:?} in:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    assert!(text.starts_with("device 046d:c52b at "), "{text}");
+    assert_eq!(
+        line("zigbee"),
+        "zigbee (line 3): id does not match: wants 10c4:ea60, the device has 046d:c52b"
+    );
+    assert_eq!(
+        line("on-port"),
+        "on-port (line 8): port does not match: wants 1-4, the device has 1-2.3"
+    );
+    assert_eq!(
+        line("receiver"),
+        "receiver (line 13): matches and decides: win11, then test"
+    );
+    assert_eq!(
+        line("logitech"),
+        "logitech (line 18): matches, but an earlier rule decided"
+    );
+    // libvirt's test driver defines one running domain, "test".
+    assert_eq!(line("vm win11"), "vm win11: not defined");
+    assert!(line("vm test").starts_with("vm test: running"), "{text}");
+    assert_eq!(line("the rules want"), "the rules want it in test");
+    assert_eq!(line("now:"), "now: host");
+    assert!(
+        text.contains("usbpass-qemu (the emulator wrapper) needs"),
+        "{text}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["why", "046d:c52b", "--json"])).unwrap();
+    assert_eq!(json["device"]["id"], "046d:c52b");
+    assert_eq!(json["rules"][0]["verdict"], "mismatch");
+    assert_eq!(json["rules"][0]["key"], "id");
+    assert_eq!(json["rules"][2]["verdict"], "decides");
+    assert_eq!(json["targets"][1]["state"], "running");
+    assert_eq!(json["placement"]["wanted_vm"], "test");
+    // A hub: every rule says hubs are never passed through.
+    let hub = cli.ok(&["why", "1-2"]);
+    assert!(hub.contains("never: hubs are not passed through"), "{hub}");
+}

@@ -4,7 +4,6 @@
 //! hypervisor; only the source's `accepts` is the real one (`host::select`).
 
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use usbpass::daemon::state::DaemonState;
 use usbpass::daemon::{Daemon, DaemonOptions};
@@ -68,7 +67,7 @@ fn a_reload_the_node_device_source_cannot_serve_keeps_the_previous_rules() {
     let present = std::sync::Arc::new(std::sync::Mutex::new(vec![device(
         1, 5, 0x046d, 0xc52b, "1-2",
     )]));
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = usbpass::event::event_channel();
     let mut daemon = Daemon::new(
         FakeConnector {
             world: world.clone(),

@@ -7,7 +7,6 @@
 mod libvirt_env;
 
 use libvirt_env::{TestDomain, URI};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use usbpass::daemon::state::DaemonState;
@@ -84,7 +83,7 @@ fn fallback_on_destroy_and_attach_errors_as_status_entries() {
     )
     .unwrap();
     let state_path = directory.path().join("state.json");
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = usbpass::event::event_channel();
     let mut daemon = Daemon::new(
         LibvirtConnector,
         FixedDevices(Arc::new(Mutex::new(vec![keyboard()]))),

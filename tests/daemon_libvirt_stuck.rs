@@ -16,7 +16,6 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use usbpass::daemon::state::DaemonState;
@@ -144,7 +143,7 @@ fn a_libvirtd_that_stops_answering_does_not_stop_the_loop_and_is_reconnected() {
     };
     std::fs::write(&config_path, rules("")).unwrap();
     let state_path = directory.path().join("state.json");
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = usbpass::event::event_channel();
     let deadline = Duration::from_secs(1);
     let mut daemon = Daemon::new(
         LibvirtConnector,

@@ -107,7 +107,7 @@ fn the_source_lists_what_libvirt_lists_and_its_watcher_goes_with_it() {
     wait_until("earlier connections closing", || {
         our_clients().unwrap().is_empty()
     });
-    let (sender, events) = mpsc::channel();
+    let (sender, events) = usbpass::event::event_channel();
     let mut source = LibvirtDeviceSource::open(URI, sender).expect("open the node device source");
     assert!(
         source.is_watching(),
@@ -157,7 +157,7 @@ fn a_broken_connection_stops_the_daemon_through_its_channel() {
     wait_until("earlier connections closing", || {
         our_clients().unwrap().is_empty()
     });
-    let (sender, events) = mpsc::channel();
+    let (sender, events) = usbpass::event::event_channel();
     let source = LibvirtDeviceSource::open(URI, sender).expect("open the node device source");
     let clients = our_clients().unwrap();
     assert_eq!(clients.len(), 1, "{clients:?}");
@@ -184,7 +184,7 @@ fn a_broken_connection_stops_the_daemon_through_its_channel() {
 
 #[test]
 fn a_closed_uri_is_an_error_naming_it() {
-    let (sender, _events) = mpsc::channel();
+    let (sender, _events) = usbpass::event::event_channel();
     let uri = "qemu+unix:///system?socket=/nonexistent/usbpass-test-sock";
     let error = LibvirtDeviceSource::open(uri, sender).expect_err("no libvirtd there");
     let message = error.to_string();
@@ -389,7 +389,7 @@ fn the_test_drivers_usb_node_devices_become_usb_devices() {
 
     // The daemon's source on the same driver: the watcher registers, and it lists the
     // same devices.
-    let (sender, _events) = mpsc::channel();
+    let (sender, _events) = usbpass::event::event_channel();
     let mut source = LibvirtDeviceSource::open(&uri, sender).expect("open the test driver");
     assert!(source.is_watching());
     assert_eq!(source.enumerate().expect("enumerate"), devices);

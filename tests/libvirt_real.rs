@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::process::Command;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use usbpass::event::{DomainChange, Event};
@@ -38,7 +38,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn open() -> (LibvirtHypervisor, Receiver<Event>) {
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = usbpass::event::event_channel();
     let hypervisor = connect(URI, sender).expect("connect to libvirt");
     (hypervisor, receiver)
 }
@@ -322,7 +322,7 @@ fn running_domains_reads_usb_hostdevs_of_a_running_test_driver_domain() {
     )
     .unwrap();
     let uri = format!("test://{}", node.path().display());
-    let (sender, _events) = mpsc::channel();
+    let (sender, _events) = usbpass::event::event_channel();
     let hypervisor = connect(&uri, sender).expect("open the test driver");
     let domains = hypervisor.running_domains().expect("running domains");
     assert_eq!(domains.len(), 1);
@@ -482,7 +482,7 @@ fn a_remote_style_uri_with_keepalive_works() {
     let uri = format!("qemu+ext:///system?command={}", script.display());
     assert!(!usbpass::hypervisor::libvirt::is_local_uri(&uri));
     let domain = TestDomain::plain("remote");
-    let (sender, events) = mpsc::channel();
+    let (sender, events) = usbpass::event::event_channel();
     let hypervisor = connect(&uri, sender).expect("connect through the ext transport");
     domain.start();
     wait_for(&events, "started event over the ext transport", |event| {

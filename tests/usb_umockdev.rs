@@ -483,7 +483,7 @@ fn inner_monitor_turns_uevents_into_events() {
             .unwrap()
             .clone()
     };
-    let (sender, events) = mpsc::channel();
+    let (sender, events) = usbpass::event::event_channel();
     let monitor = udev::spawn_monitor(sender).expect("the monitor starts under umockdev");
     let xhci = "/sys/devices/pci0000:00/0000:00:14.0";
 

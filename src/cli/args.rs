@@ -47,6 +47,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain where DEVICE is and why: each rule's verdict, the target VMs, who holds
+    /// it, the daemon's last error about it, host drivers, and the wrapper's settings.
+    Why {
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the rules file; exits non-zero on error.
     Check,
     /// Add or update a rule so DEVICE goes to VM; the daemon picks it up.

@@ -5,7 +5,7 @@ use super::CliError;
 use crate::daemon::lock::{remove_leftover_temporaries, DaemonLock};
 use crate::daemon::{notify, watch};
 use crate::daemon::{Daemon, DaemonOptions};
-use crate::event::Event;
+use crate::event::{event_channel, Event, EventSender};
 use crate::host::select::{self, SourceKind, SourceRefusal};
 use crate::host::udev as usb;
 use crate::host::{DeviceSource, HostError};
@@ -15,7 +15,7 @@ use crate::model::UsbDevice;
 use crate::rules::Config;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
@@ -38,7 +38,7 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         config.uri,
         kind
     );
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = event_channel();
     watch::spawn_signal_thread(sender.clone())?;
     // The watcher starts before the first enumeration so that no plug falls between.
     let (devices, waited) = match kind {
@@ -95,7 +95,7 @@ const LONGEST_RETRY: Duration = Duration::from_secs(30);
 /// wait. None on SIGTERM or SIGINT meanwhile; SIGHUP has nothing to reload yet.
 fn open_node_devices(
     uri: &str,
-    events: &Sender<Event>,
+    events: &EventSender,
     signals: &Receiver<Event>,
 ) -> Option<(LibvirtDeviceSource, bool)> {
     let mut delay = FIRST_RETRY;

@@ -9,6 +9,7 @@ mod hotplug;
 mod inspect;
 mod rules_file;
 mod table;
+mod why;
 
 use crate::daemon::watch::WatchError;
 use crate::daemon::DaemonError;
@@ -27,7 +28,6 @@ use args::{Cli, Command};
 use device_spec::ResolveError;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 
 /// Why a command failed. Errors of the modules the commands use pass through with their
 /// own message; the rest name the device, the VM or the path.
@@ -114,6 +114,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::List { json } => inspect::list(config, json),
         Command::Rules { json } => inspect::rules(config, json),
         Command::Status { json } => inspect::status(config, &cli.state, json),
+        Command::Why { device, json } => why::why(config, &cli.state, &device, json),
         Command::Check => rules_file::check(config),
         Command::Assign { device, vm, by } => rules_file::assign(config, &device, &vm, by),
         Command::Unassign { target } => rules_file::unassign(config, &target),
@@ -157,7 +158,7 @@ fn running_domains(uri: &str) -> Option<Vec<DomainView>> {
 }
 
 fn connect(uri: &str) -> Result<libvirt::LibvirtHypervisor, CliError> {
-    let (sender, _receiver) = mpsc::channel();
+    let (sender, _receiver) = crate::event::event_channel();
     Ok(libvirt::connect(uri, sender)?)
 }
 

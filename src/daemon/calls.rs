@@ -194,7 +194,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 {
                     // The rule's next running VM gets the device meanwhile; the status
                     // says why this one was passed over.
-                    self.unavailable.no_free_port.insert(domain.clone());
+                    self.facts.no_free_port.insert(domain.clone());
                 }
                 let booked = self.retries.failed(&outcome.action, error, now);
                 log::warn!(

@@ -6,9 +6,8 @@
 //! Keeps the last error for `usbpass status`.
 
 use crate::daemon::executor::{lock, CallId, Executor, Opened};
-use crate::event::Event;
+use crate::event::EventSender;
 use crate::hypervisor::Connector;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +43,7 @@ struct Connecting {
 pub struct Connection<C: Connector> {
     connector: Arc<C>,
     /// Where each connection delivers libvirt's events: the loop's channel.
-    events: Sender<Event>,
+    events: EventSender,
     /// Shared with the calls under way on it: a connection given up on lives until
     /// its last stuck call returns.
     hypervisor: Option<Arc<C::Hypervisor>>,
@@ -68,7 +67,7 @@ impl<C: Connector> Connection<C> {
     /// `connect_deadline`.
     pub fn new(
         connector: C,
-        events: Sender<Event>,
+        events: EventSender,
         now: Instant,
         connect_deadline: Duration,
     ) -> Connection<C> {
@@ -246,6 +245,7 @@ impl<C: Connector> Connection<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
     use crate::testing::fake_hypervisor::{Call, FakeConnector, FakeWorld, SharedWorld};
 
     const URI: &str = "qemu:///system";
@@ -301,7 +301,7 @@ mod tests {
         let connector = FakeConnector {
             world: world.clone(),
         };
-        let (sender, answers) = std::sync::mpsc::channel();
+        let (sender, answers) = crate::event::event_channel();
         Rig {
             connection: Connection::new(connector, sender.clone(), now, CONNECT_DEADLINE),
             executor: Executor::new(sender),

@@ -12,7 +12,7 @@
 //! be cancelled; the loop gives up waiting at its deadline and books the real answer
 //! whenever it comes.
 
-use crate::event::Event;
+use crate::event::{Event, EventSender};
 use crate::hypervisor::{
     Connector, FailureKind, HostdevSpec, Hypervisor, HypervisorError, RunningDomains,
 };
@@ -102,7 +102,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Starts calls off the loop's thread; their outcomes come back on `events`.
 pub struct Executor {
-    events: Sender<Event>,
+    events: EventSender,
     next_call: u64,
     counts: Arc<CallCounts>,
     /// Each VM's worker, by VM name.
@@ -110,7 +110,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(events: Sender<Event>) -> Executor {
+    pub fn new(events: EventSender) -> Executor {
         Executor {
             events,
             next_call: 0,
@@ -184,7 +184,7 @@ impl Executor {
         &mut self,
         connector: Arc<C>,
         uri: &str,
-        events: Sender<Event>,
+        events: EventSender,
         opened: Opened<C::Hypervisor>,
     ) -> CallId {
         let slot = opened.clone();
@@ -297,7 +297,7 @@ mod tests {
         let hypervisor = FakeConnector {
             world: world.clone(),
         }
-        .connect("test:///default", std::sync::mpsc::channel().0)
+        .connect("test:///default", crate::event::event_channel().0)
         .unwrap();
         let receiver = device(1, 5, 0x046d, 0xc52b, "1-2");
         let alias = HostdevAlias::for_rules(&receiver);

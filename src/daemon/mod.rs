@@ -13,6 +13,7 @@ mod connection;
 mod decision;
 mod definitions;
 pub mod executor;
+mod follow;
 mod in_flight;
 mod live_domains;
 pub mod lock;
@@ -34,16 +35,16 @@ use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{DaemonState, VmNotAnswering};
 use crate::daemon::status::{LoopView, Status};
-use crate::event::{DomainChange, Event};
+use crate::event::{DomainChange, Event, EventSender};
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, FailureKind, HostdevSpec, HypervisorError, RunningDomains};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
-use crate::reconcile::{self, Action, Unavailable};
+use crate::reconcile::{self, Action, LoopFacts};
 use crate::rules::{Config, ConfigError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,7 +94,9 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     retries: RetryBook,
     /// VMs that refused an attach for want of a free USB port: passed over for devices
     /// not in them, until something in that VM changes.
-    unavailable: Unavailable,
+    facts: LoopFacts,
+    /// Ports a followed rule's device left from, by port path (see `follow`).
+    departures: BTreeMap<String, follow::Departure>,
     timing: DecisionTiming,
     watchdog: Watchdog,
     status: Status,
@@ -116,7 +119,7 @@ impl<C: Connector, S: DeviceSource> Daemon<C, S> {
         device_source: S,
         config: Config,
         options: DaemonOptions,
-        events_sender: Sender<Event>,
+        events_sender: EventSender,
         events: Receiver<Event>,
     ) -> Self {
         Daemon::with_clock(
@@ -138,7 +141,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         device_source: S,
         config: Config,
         options: DaemonOptions,
-        events_sender: Sender<Event>,
+        events_sender: EventSender,
         events: Receiver<Event>,
         clock: K,
     ) -> Self {
@@ -160,7 +163,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             definitions: definitions::DefinitionsChore::default(),
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
-            unavailable: Unavailable::default(),
+            facts: LoopFacts::default(),
+            departures: BTreeMap::new(),
             timing: DecisionTiming::new(),
             watchdog,
             status: Status::new(),
@@ -314,6 +318,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 if self.devices.get(&syspath).is_some_and(named) {
                     if let Some(device) = self.devices.remove(&syspath) {
                         self.retries.forget_device(device.address());
+                        self.note_departure(&device);
                     }
                 } else {
                     log::debug!(
@@ -323,7 +328,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             }
             Event::Domain { domain, change } => {
                 self.retries.forget_domain(&domain);
-                self.unavailable.no_free_port.remove(&domain);
+                self.facts.no_free_port.remove(&domain);
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => {
@@ -347,7 +352,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             Event::DomainDeviceRemoved { domain, alias } => {
                 self.pending_detaches.finished(&domain, &alias);
                 self.live.device_removed(&domain, &alias);
-                self.unavailable.no_free_port.remove(&domain);
+                self.facts.no_free_port.remove(&domain);
                 // A port freed in this VM, and the device that left it may now be free
                 // to go where the rules want it (a move between VMs).
                 self.retries.forget_domain(&domain);
@@ -372,7 +377,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     log::warn!("{error}; keeping the previous device list");
                 }
                 self.retries.clear();
-                self.unavailable = Unavailable::default();
+                self.facts.no_free_port.clear();
                 self.live.invalidate();
                 self.ready_after_converge = true;
             }
@@ -438,6 +443,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
                 self.config = config;
                 self.config_error = None;
+                self.forget_unfollowed_rules();
                 self.retries.clear();
             }
             // A file mid-save can be briefly absent; the final write brings another event.
@@ -458,7 +464,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn drop_connection(&mut self, reason: String) {
         self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
-        self.unavailable = Unavailable::default();
+        self.facts.no_free_port.clear();
         self.live.invalidate();
         self.status.disconnected();
     }
@@ -504,8 +510,9 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             self.start_listing();
             return;
         }
+        self.adopt_followers();
         let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-        let mut plan = reconcile::plan_with(&self.config, &devices, &domains, &self.unavailable);
+        let mut plan = reconcile::plan_with(&self.config, &devices, &domains, &self.facts);
         // An attach under the alias of a detach still under way would be refused
         // as a duplicate alias: it waits for DEVICE_REMOVED.
         plan.actions.retain(|action| {

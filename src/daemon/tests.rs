@@ -22,7 +22,7 @@ struct Harness {
     clock: ManualClock,
     /// What the device source lists on the next enumeration.
     present: Arc<Mutex<Vec<UsbDevice>>>,
-    sender: Sender<Event>,
+    sender: EventSender,
     thread: Option<JoinHandle<Result<(), DaemonError>>>,
     directory: tempfile::TempDir,
     /// The executor's calls issued and answered.
@@ -47,7 +47,7 @@ impl Harness {
         let config = Config::load(&config_path).unwrap();
         let world = SharedWorld::new(world);
         let present = Arc::new(Mutex::new(present));
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = crate::event::event_channel();
         let options = DaemonOptions {
             config_path,
             state_path: directory.path().join("state.json"),
@@ -538,6 +538,7 @@ fn sighup_rescans_devices_and_heals_missed_events() {
     harness.stop().unwrap();
 }
 
+mod follow;
 mod plugs;
 mod rules_file;
 mod stuck;

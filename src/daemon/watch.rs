@@ -2,11 +2,10 @@
 //! and the rules file changing on disk. Each runs on a thread that blocks until
 //! something happens, so an idle daemon is never woken.
 
-use crate::event::Event;
+use crate::event::{Event, EventSender};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +30,7 @@ pub enum WatchError {
 }
 
 /// SIGHUP becomes `Event::Reload`; SIGTERM and SIGINT become `Event::Terminate`.
-pub fn spawn_signal_thread(events: Sender<Event>) -> Result<JoinHandle<()>, WatchError> {
+pub fn spawn_signal_thread(events: EventSender) -> Result<JoinHandle<()>, WatchError> {
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
         .map_err(|source| WatchError::InstallSignalHandlers { source })?;
     std::thread::Builder::new()
@@ -64,7 +63,7 @@ pub fn spawn_signal_thread(events: Sender<Event>) -> Result<JoinHandle<()>, Watc
 /// target's directory is watched too, so that an edit of the target is seen.
 pub fn spawn_config_watcher(
     config_path: &Path,
-    events: Sender<Event>,
+    events: EventSender,
 ) -> Result<JoinHandle<()>, WatchError> {
     use inotify::{Inotify, WatchMask};
     let mut watched: Vec<(PathBuf, OsString)> = vec![split(config_path)];
@@ -134,14 +133,13 @@ fn split(path: &Path) -> (PathBuf, OsString) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
     use std::time::Duration;
 
     #[test]
     fn a_replaced_rules_file_is_noticed_and_others_are_not() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("usbpass.toml");
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = crate::event::event_channel();
         spawn_config_watcher(&path, sender).unwrap();
         std::fs::write(directory.path().join("unrelated"), "x").unwrap();
         assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
@@ -168,7 +166,7 @@ mod tests {
         std::fs::write(&target, "").unwrap();
         let link = etc.path().join("usbpass.toml");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = crate::event::event_channel();
         spawn_config_watcher(&link, sender).unwrap();
         std::fs::write(store.path().join("other.toml"), "x").unwrap();
         assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());

@@ -7,7 +7,7 @@
 //! every identity field the rules match on, so `rusb` would add a second view of the same
 //! facts plus the permission problems of opening `/dev/bus/usb` nodes.
 
-use crate::event::Event;
+use crate::event::{Event, EventSender};
 use crate::host::attributes::{
     interface_class_from, lossy_text, parse_decimal_u16, usb_device_from_attributes,
     usb_device_from_event, DeviceAttributes,
@@ -121,7 +121,7 @@ fn is_usb_device(device: &udev::Device) -> bool {
 /// back with the next enumeration). Where security labels matter, udevd may relabel
 /// the node after an attach; see docs/usbpass-qemu.md for the udev rules that keep
 /// QEMU's access.
-pub fn spawn_monitor(events: Sender<Event>) -> Result<JoinHandle<()>, UsbError> {
+pub fn spawn_monitor(events: EventSender) -> Result<JoinHandle<()>, UsbError> {
     // The reads that wait for a device's lock run on a thread of their own, so that the
     // monitor forwards every uevent (a `remove` above all) the moment it comes.
     let (describer, describe_requests) = mpsc::channel::<(String, BusAddress)>();
@@ -228,7 +228,7 @@ struct MonitorState {
     described: BTreeMap<String, BusAddress>,
     /// Asks the describing thread to read a plug's strings.
     describer: Sender<(String, BusAddress)>,
-    events: Sender<Event>,
+    events: EventSender,
     /// The hwdb names udev would add (`ID_VENDOR_FROM_DATABASE`, ...), which a
     /// kernel event does not carry.
     hwdb: Option<udev::Hwdb>,

@@ -4,12 +4,11 @@
 
 pub mod libvirt;
 
-use crate::event::Event;
+use crate::event::EventSender;
 use crate::model::alias::{HostdevAlias, Ownership};
 use crate::model::{BusAddress, UsbDevice, UsbId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::sync::mpsc::Sender;
 
 /// One `<hostdev type='usb'>` in a running domain's live XML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +121,30 @@ pub enum FailureKind {
 impl FailureKind {
     /// The one name of each kind: the daemon's log lines (`kind=`) and the state file
     /// (through serde's kebab-case, which a test holds equal to this) both use it.
+    /// What the failure means for the user, and what to do: `usbpass why` says it
+    /// next to libvirt's own message.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            FailureKind::DeviceNotFound => {
+                "libvirt or QEMU could not find the device on the host: it was still being set up (the daemon retries) or it is gone"
+            }
+            FailureKind::DeviceInUse => {
+                "another vm or program holds the device: usbpass never takes it from them"
+            }
+            FailureKind::NoFreePort => {
+                "the vm's usb controller has no free port: give it more (ports='15' on its qemu-xhci controller) or free one; meanwhile the rule's next running vm gets the device"
+            }
+            FailureKind::DomainGone => "the vm stopped or was undefined during the call",
+            FailureKind::ConnectionLost => {
+                "the connection to libvirt broke; the daemon reconnects and tries again"
+            }
+            FailureKind::TimedOut => {
+                "the vm (its qemu) or libvirtd did not answer in time; the daemon waits for that call and serves the other vms meanwhile"
+            }
+            FailureKind::Other => "libvirt's message says why",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::DeviceNotFound => "device-not-found",
@@ -237,11 +260,7 @@ pub trait Hypervisor: Send + Sync + 'static {
 pub trait Connector: Send + Sync + 'static {
     type Hypervisor: Hypervisor;
     /// Connect and start delivering domain events into `events`.
-    fn connect(
-        &self,
-        uri: &str,
-        events: Sender<Event>,
-    ) -> Result<Self::Hypervisor, HypervisorError>;
+    fn connect(&self, uri: &str, events: EventSender) -> Result<Self::Hypervisor, HypervisorError>;
 }
 
 #[cfg(test)]

@@ -187,6 +187,11 @@ pub struct Rule {
     /// When an earlier VM of the list starts while the device is in a later one.
     #[serde(default)]
     pub give_back: GiveBack,
+    /// `follow = "15s"`: a device that appears on the same port within this many
+    /// seconds after this rule's device left a VM goes to that VM too, whatever its IDs,
+    /// unless a rule claims it (a board in its bootloader, a phone switching modes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_seconds: Option<u32>,
     /// 1-based line of the rule's table in the file, for messages.
     pub line: usize,
 }

@@ -134,12 +134,25 @@ impl Config {
                     ))
                 }
             };
+            let follow_seconds = match &raw_rule.follow {
+                None => None,
+                Some(follow) => Some(parse_follow(follow.get_ref()).ok_or_else(|| {
+                    invalid(
+                        follow.span(),
+                        format!(
+                            "rule {name:?}: follow must be a time from 1s to 1h, like \"15s\" or \"2m\", not {:?}",
+                            follow.get_ref()
+                        ),
+                    )
+                })?),
+            };
             rules.push(Rule {
                 name,
                 matcher,
                 vms,
                 reconnect,
                 give_back,
+                follow_seconds,
                 line: line_and_column(text, rule_span.start).0,
             });
         }
@@ -150,6 +163,18 @@ impl Config {
             rules,
         })
     }
+}
+
+/// `follow = "15s"` or `"2m"`: seconds, from 1 s to an hour.
+fn parse_follow(text: &str) -> Option<u32> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let number: u32 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number.checked_mul(60)?,
+        _ => return None,
+    };
+    (1..=3600).contains(&seconds).then_some(seconds)
 }
 
 type SpannedError = (Range<usize>, String);
@@ -333,6 +358,7 @@ struct RawRule {
     reconnect: Option<Spanned<String>>,
     #[serde(rename = "return")]
     give_back: Option<Spanned<String>>,
+    follow: Option<Spanned<String>>,
 }
 
 /// `vm = "a"` or `vm = ["a", "b"]`.
@@ -470,5 +496,26 @@ reconnect = "port"
         assert_eq!(line_and_column("ab\ncd", 4), (2, 2));
         assert_eq!(line_and_column("é\nx", 3), (2, 1));
         assert_eq!(line_and_column("éx", 2), (1, 2));
+    }
+
+    #[test]
+    fn follow_takes_seconds_or_minutes_up_to_an_hour() {
+        let rule = |follow: &str| {
+            parse(&format!(
+                "[[rule]]\nname = \"b\"\nid = \"0483:df11\"\nvm = \"lab\"\nfollow = \"{follow}\"\n"
+            ))
+        };
+        assert_eq!(rule("15s").unwrap().rules[0].follow_seconds, Some(15));
+        assert_eq!(rule("2m").unwrap().rules[0].follow_seconds, Some(120));
+        for bad in ["0s", "2h", "61m", "15", "s", "1.5s", "-1s"] {
+            let error = rule(bad).unwrap_err().to_string();
+            assert_eq!(
+                error,
+                format!(
+                    "test.toml:5:10: rule \"b\": follow must be a time from 1s to 1h, like \"15s\" or \"2m\", not {bad:?}"
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! until the test releases them, as they do with a stuck QEMU or libvirtd). Used by
 //! the daemon's unit tests and by the benchmarks.
 
-use crate::event::Event;
+use crate::event::{Event, EventSender};
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{
     Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
@@ -13,7 +13,6 @@ use crate::hypervisor::{
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -66,7 +65,7 @@ pub struct FakeWorld {
     /// Connection attempts fail while this is set.
     pub refuse_connections: bool,
     /// Where the current connection's events go, so a test can post libvirt events.
-    pub events: Option<Sender<Event>>,
+    pub events: Option<EventSender>,
     /// Domains whose live XML cannot be read: the listing reports them unreadable.
     pub unreadable: BTreeSet<String>,
     /// Attaches and detaches for these domains hang (recorded, then parked) until
@@ -471,7 +470,7 @@ pub struct FakeConnector {
 impl Connector for FakeConnector {
     type Hypervisor = FakeHypervisor;
 
-    fn connect(&self, uri: &str, events: Sender<Event>) -> Result<FakeHypervisor, HypervisorError> {
+    fn connect(&self, uri: &str, events: EventSender) -> Result<FakeHypervisor, HypervisorError> {
         let mut world = self.world.lock();
         world.calls.push(Call::Connect);
         let mut world = self.world.park_while(world, Hold::Connect);

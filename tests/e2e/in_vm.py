@@ -2021,6 +2021,8 @@ def rules_in_two_parts(spares):
 
 
 def scenario_16(world, results):
+    # Scenario 13 restarts libvirtd with another configuration, which forgets the guests.
+    ensure_running(world.lv, GUEST1)
     world.daemon.start()
     keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
     world.assert_exactly({GUEST1: [keyboard]})
@@ -2094,6 +2096,8 @@ def scenario_16(world, results):
 
 
 def scenario_17(world, results):
+    # Scenario 13 restarts libvirtd with another configuration, which forgets the guests.
+    ensure_running(world.lv, GUEST1)
     world.daemon.start()
     keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
     first_pid = world.daemon.process.pid
@@ -2140,6 +2144,8 @@ def stop_libvirtd():
 
 
 def scenario_18(world, results):
+    # Scenario 13 restarts libvirtd with another configuration, which forgets the guests.
+    ensure_running(world.lv, GUEST1)
     world.daemon.start()
     keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
     world.assert_exactly({GUEST1: [keyboard]})
@@ -2169,6 +2175,8 @@ def scenario_18(world, results):
 
 
 def scenario_19(world, results):
+    # Scenario 13 restarts libvirtd with another configuration, which forgets the guests.
+    ensure_running(world.lv, GUEST1)
     times = []
     offset = world.daemon.log_size()
     for delay in (0.0, 0.025, 0.05):

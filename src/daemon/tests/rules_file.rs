@@ -45,7 +45,7 @@ fn no_common_way_of_saving_the_rules_file_detaches_a_device() {
     harness.wait_until("the first attach", |w| w.aliases_in("win11").len() == 1);
     let directory = harness.directory.path().to_path_buf();
     let path = directory.join("usbpass.toml");
-    let (watcher_sender, watcher) = mpsc::channel();
+    let (watcher_sender, watcher) = crate::event::event_channel();
     spawn_config_watcher(&path, watcher_sender).unwrap();
     let quiet = Duration::from_millis(300);
 

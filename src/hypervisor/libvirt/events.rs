@@ -2,10 +2,9 @@
 //! (`virConnectDomainEventRegisterAny`, `virConnectRegisterCloseCallback`). Every callback
 //! turns into an `Event` on the daemon's channel. All of this module's unsafe code is here.
 
-use crate::event::{DomainChange, Event};
+use crate::event::{DomainChange, Event, EventSender};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
-use std::sync::mpsc::Sender;
 use std::sync::OnceLock;
 use virt::connect::Connect;
 use virt::sys;
@@ -65,7 +64,7 @@ pub struct RegisterError {
 /// they cannot lose a connection.
 pub fn register(
     connection: &Connect,
-    events: &Sender<Event>,
+    events: &EventSender,
 ) -> Result<Registrations, RegisterError> {
     let mut registrations = Registrations {
         connection: connection.clone(),
@@ -154,7 +153,7 @@ impl Registrations {
         &mut self,
         event_id: c_int,
         callback: unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-        events: &Sender<Event>,
+        events: &EventSender,
         name: &'static str,
     ) -> Result<(), RegisterError> {
         let opaque = Box::into_raw(Box::new(events.clone())) as *mut c_void;
@@ -176,7 +175,7 @@ impl Registrations {
             let source = virt::error::Error::last_error();
             // SAFETY: on failure libvirt did not keep `opaque` and never calls the free
             // callback for it (it deregisters with doFreeCb false), so it is still ours.
-            drop(unsafe { Box::from_raw(opaque as *mut Sender<Event>) });
+            drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
             return Err(RegisterError {
                 callback: name,
                 source,
@@ -186,7 +185,7 @@ impl Registrations {
         Ok(())
     }
 
-    fn register_close_callback(&mut self, events: &Sender<Event>) -> Result<(), RegisterError> {
+    fn register_close_callback(&mut self, events: &EventSender) -> Result<(), RegisterError> {
         let opaque = Box::into_raw(Box::new(events.clone())) as *mut c_void;
         // SAFETY: valid connection pointer as above; on success libvirt owns `opaque`
         // and frees it through `free_sender` when the callback is unregistered or after
@@ -202,7 +201,7 @@ impl Registrations {
         if result < 0 {
             let source = virt::error::Error::last_error();
             // SAFETY: a failed registration leaves `opaque` with us; libvirt never saw it.
-            drop(unsafe { Box::from_raw(opaque as *mut Sender<Event>) });
+            drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
             if source.code().to_raw() == sys::VIR_ERR_NO_SUPPORT {
                 return Ok(());
             }
@@ -253,12 +252,12 @@ impl Drop for Registrations {
 }
 
 /// # Safety
-/// `opaque` must be a pointer made by `Box::into_raw(Box<Sender<Event>>)` that libvirt
+/// `opaque` must be a pointer made by `Box::into_raw(Box<EventSender>)` that libvirt
 /// still holds; libvirt guarantees that for the callbacks registered above.
-unsafe fn sender<'a>(opaque: *mut c_void) -> &'a Sender<Event> {
+unsafe fn sender<'a>(opaque: *mut c_void) -> &'a EventSender {
     // SAFETY: see the function's contract. `Sender` is `Sync`, so a shared reference
     // may be used from libvirt's event thread while the daemon holds other senders.
-    unsafe { &*(opaque as *const Sender<Event>) }
+    unsafe { &*(opaque as *const EventSender) }
 }
 
 /// # Safety
@@ -366,5 +365,5 @@ unsafe extern "C" fn close_callback(
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {
     // SAFETY: libvirt calls this once per successful registration, with the pointer made
     // by `Box::into_raw` there, and never uses it again.
-    drop(unsafe { Box::from_raw(opaque as *mut Sender<Event>) });
+    drop(unsafe { Box::from_raw(opaque as *mut EventSender) });
 }

@@ -13,7 +13,7 @@ pub mod xml;
 
 use xml::{build_usb_hostdev, parse_usb_hostdevs};
 
-use crate::event::Event;
+use crate::event::EventSender;
 use crate::hypervisor::{
     Connector, DefinedHostdevs, DomainView, FailureKind, HostdevSpec, Hypervisor, HypervisorError,
     RunningDomains, UnreadableDomain, UsbHostdev,
@@ -21,7 +21,6 @@ use crate::hypervisor::{
 use crate::model::alias::HostdevAlias;
 use failure::LibvirtFailure;
 use std::ffi::CString;
-use std::sync::mpsc::Sender;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -127,7 +126,7 @@ impl std::fmt::Debug for LibvirtHypervisor {
 /// Opens `uri` and sends every domain lifecycle, device-removed and connection-close
 /// event into `events`. Cheap to call again after a disconnect: the event loop starts
 /// once per process, and each call makes a fresh connection.
-pub fn connect(uri: &str, events: Sender<Event>) -> Result<LibvirtHypervisor, LibvirtError> {
+pub fn connect(uri: &str, events: EventSender) -> Result<LibvirtHypervisor, LibvirtError> {
     // libvirt prints every error to stderr by default; the daemon logs them itself.
     virt::error::clear_error_callback();
     // libvirt requires an event loop implementation before the connection is opened.
@@ -183,7 +182,7 @@ impl Connector for LibvirtConnector {
     fn connect(
         &self,
         uri: &str,
-        events: Sender<Event>,
+        events: EventSender,
     ) -> Result<LibvirtHypervisor, HypervisorError> {
         Ok(connect(uri, events)?)
     }

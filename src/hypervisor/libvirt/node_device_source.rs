@@ -18,13 +18,13 @@ use super::node_devices::{
     parse_node_device, usb_device_from_node, NodeDevice, UsbDeviceNode, UsbInterfaceNode,
 };
 use super::{is_local_uri, KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_SECONDS};
-use crate::event::Event;
+use crate::event::{Event, EventSender};
 use crate::host::select::{self, SourceKind, SourceRefusal};
 use crate::host::{DeviceSource, HostError};
 use crate::model::{BusAddress, UsbDevice};
 use crate::rules::Config;
 use std::collections::BTreeMap;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use virt::connect::Connect;
@@ -145,7 +145,7 @@ impl LibvirtDeviceSource {
     /// connection), starts the worker and registers for node-device events, in that
     /// order, so that no plug after this returns is missed by the `enumerate()` that
     /// follows. The watcher's events go to `events`.
-    pub fn open(uri: &str, events: Sender<Event>) -> Result<LibvirtDeviceSource, HostError> {
+    pub fn open(uri: &str, events: EventSender) -> Result<LibvirtDeviceSource, HostError> {
         let failed = |message: String| HostError::EnumerateThroughLibvirt {
             uri: uri.to_string(),
             message,
@@ -259,7 +259,7 @@ struct Worker {
     uri: String,
     connection: Connect,
     known: Arc<Mutex<Known>>,
-    events: Sender<Event>,
+    events: EventSender,
 }
 
 impl Worker {
@@ -299,7 +299,7 @@ fn handle_notices(
     notices: &Receiver<NodeNotice>,
     read: impl Fn(&str) -> Option<NodeDevice>,
     known: &Mutex<Known>,
-    events: &Sender<Event>,
+    events: &EventSender,
     uri: &str,
 ) {
     while let Ok(first) = notices.recv() {

@@ -15,9 +15,10 @@ fn disk(devnum: u16) -> UsbDevice {
     device(1, devnum, 0x0781, 0x5581, "1-3")
 }
 
-fn full(vms: &[&str]) -> Unavailable {
-    Unavailable {
+fn full(vms: &[&str]) -> LoopFacts {
+    LoopFacts {
         no_free_port: vms.iter().map(|vm| vm.to_string()).collect(),
+        ..LoopFacts::default()
     }
 }
 

@@ -135,7 +135,7 @@ fn events_for(notices: Vec<NodeNotice>, nodes: Vec<NodeDevice>) -> Vec<Event> {
         notice_sender.send(notice).unwrap();
     }
     drop(notice_sender);
-    let (sender, receiver) = mpsc::channel();
+    let (sender, receiver) = crate::event::event_channel();
     let read = |name: &str| nodes.iter().find(|node| node.name() == name).cloned();
     let known = Mutex::new(Known::default());
     handle_notices(
