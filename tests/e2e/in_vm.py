@@ -2346,6 +2346,50 @@ def scenario_23(world, results):
         world.daemon.write_rules(RULES)
 
 
+FOLLOW_WINDOW = 10
+
+
+def scenario_24(world, results):
+    # follow: the keyboard's rule follows its port for FOLLOW_WINDOW s. A device with
+    # other IDs that no rule names (a usb-serial, 0403:6001) plugged into the same port
+    # within the window reaches the same VM; after the window it stays on the host.
+    ensure_running(world.lv, GUEST1)
+    world.daemon.start()
+    keyboard_rule = f'name = "keyboard"\nid = "0627:0001"\nvm = "{GUEST1}"\n'
+    if keyboard_rule not in RULES:
+        raise Fail("harness: the keyboard rule is not in RULES")
+    before = world.daemon.log_size()
+    world.daemon.write_rules(RULES.replace(keyboard_rule, keyboard_rule + f'follow = "{FOLLOW_WINDOW}s"\n'))
+    try:
+        wait_until(lambda: "rules reloaded" in world.daemon.log_since(before), 20, "the rules with follow applied", interval=0.1)
+        offset = world.daemon.log_size()
+        keyboard, _ = cycle_to_guest(world, "usbpass", "kbd", 1, GUEST1)
+        world.usb.unplug(keyboard)
+        left = time.monotonic()
+        follower = world.usb.plug("serial", 1)
+        seconds = world.wait_in_guest(GUEST1, follower, since=follower.added_at)
+        say(f"usbpass: {follower} followed the keyboard into {GUEST1} {seconds:.2f} s after its plug, {time.monotonic() - left:.2f} s after the keyboard left")
+        world.assert_exactly({GUEST1: [follower]})
+        if "follow device=0403:6001" not in world.daemon.log_since(offset):
+            raise Fail("the daemon's log does not say it followed the device")
+        world.usb.unplug(follower)
+        world.assert_exactly({})
+        time.sleep(FOLLOW_WINDOW + 1)
+        late = world.usb.plug("serial", 1)
+        offset = world.daemon.log_size()
+        time.sleep(5)
+        if world.held_by(GUEST1, late, alias_prefix=None):
+            raise Fail(f"{late} reached {GUEST1} after the follow window had passed")
+        address = f"addr={late.busnum:03}:{late.devnum:03}"
+        tried = [l for l in world.daemon.log_since(offset).splitlines() if address in l and "attach device=" in l]
+        if tried:
+            raise Fail(f"daemon attached a device after the follow window: {tried[0]}")
+        world.usb.unplug(late)
+        world.assert_exactly({})
+    finally:
+        world.daemon.write_rules(RULES)
+
+
 # ---------------------------------------------------------------- the benchmark against the peer
 
 BENCH_RULE = "0627:0001"
@@ -2626,7 +2670,7 @@ def main():
         return 1
 
     world = World(lv, usb, daemon)
-    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 24)}
+    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 25)}
     baseline_done = False
     for scenario in selected:
         if scenario.number == 13 and not baseline_done and {1, 3, 4} & set(CONFIG["scenarios"]):

@@ -38,4 +38,5 @@ SCENARIOS = [
     Scenario(21, "fault-vm-defined-from-dump-with-device-starts-without-it"),
     Scenario(22, "fault-storm-44-irregular-plugs-ends-in-guest-one-hostdev"),
     Scenario(23, "node-device-source-plug-unplug-replug"),
+    Scenario(24, "follow-other-ids-on-the-same-port-within-the-window-only"),
 ]
