@@ -71,6 +71,8 @@ pub enum Event {
     /// A libvirt call the loop started off its thread returned (an attach, a detach,
     /// a listing), however late.
     CallFinished(Box<CallFinished>),
+    /// A libvirt daemon's socket appeared: libvirtd (re)started, reconnect now.
+    LibvirtSocketAppeared,
     /// The libvirt connection closed or broke.
     HypervisorDisconnected { reason: String },
     /// The rules file changed on disk.

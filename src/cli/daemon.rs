@@ -53,6 +53,11 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         },
     };
     watch::spawn_config_watcher(config_path, sender.clone())?;
+    watch::spawn_libvirt_socket_watcher(
+        &config.uri,
+        Path::new(watch::LIBVIRT_RUN_DIRECTORY),
+        sender.clone(),
+    )?;
     // The file may have changed while we waited for the host, unwatched.
     let config = if waited {
         let config = Config::load(config_path)?;

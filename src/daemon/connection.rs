@@ -219,6 +219,15 @@ impl<C: Connector> Connection<C> {
         self.failures_in_a_row = 0;
     }
 
+    /// libvirtd's socket appeared: while disconnected and not connecting, the next
+    /// connect is due now, and a failure backs off from the start again.
+    pub fn libvirt_came_back(&mut self, now: Instant) {
+        if self.hypervisor.is_none() && self.connecting.is_none() {
+            self.next_attempt = Some(now);
+            self.failures_in_a_row = 0;
+        }
+    }
+
     /// A round ended without its connection. The next connect waits, growing with each
     /// failure in a row: a libvirtd that accepts connections but fails every call (a
     /// permission problem, a broken driver) must not make the loop spin.

@@ -364,6 +364,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
             }
             Event::CallFinished(finished) => self.call_finished(*finished),
+            Event::LibvirtSocketAppeared => self.connection.libvirt_came_back(self.clock.now()),
             Event::HypervisorDisconnected { reason } => {
                 log::warn!("libvirt connection lost: {reason}");
                 self.drop_connection(reason);

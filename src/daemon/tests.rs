@@ -335,6 +335,33 @@ fn a_lost_connection_is_reopened_and_state_healed() {
 }
 
 #[test]
+fn libvirtds_socket_appearing_reconnects_at_once_instead_of_at_the_backoff() {
+    let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
+    harness.world.lock().refuse_connections = true;
+    harness.send_and_settle(Event::HypervisorDisconnected {
+        reason: "end of file from libvirtd".into(),
+    });
+    for wait in [500, 1000, 2000, 4000] {
+        harness.advance(Duration::from_millis(wait));
+    }
+    assert_eq!(harness.count(|c| *c == Call::Connect), 6);
+    assert_eq!(harness.next_wake(), Some(Duration::from_secs(8)));
+    // libvirtd is back: its socket appears, and the loop connects without waiting 8 s.
+    harness.world.lock().refuse_connections = false;
+    harness.send(Event::DeviceAdded {
+        device: receiver(5),
+        received: Instant::now(),
+    });
+    harness.send_and_settle(Event::LibvirtSocketAppeared);
+    harness.wait_until("reconnect and attach", |w| w.aliases_in("win11").len() == 1);
+    assert_eq!(harness.count(|c| *c == Call::Connect), 7);
+    // While connected it changes nothing.
+    harness.send_and_settle(Event::LibvirtSocketAppeared);
+    assert_eq!(harness.count(|c| *c == Call::Connect), 7);
+    harness.stop().unwrap();
+}
+
+#[test]
 fn a_broken_rules_edit_is_refused_and_the_old_rules_stay() {
     let harness = Harness::start(
         RULES,

@@ -21,6 +21,12 @@ pub enum WatchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot watch directory {path} for libvirt's sockets: {source}")]
+    WatchLibvirtSockets {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start the {name} thread: {source}")]
     SpawnThread {
         name: &'static str,
@@ -120,6 +126,65 @@ pub fn spawn_config_watcher(
         })
 }
 
+/// Where the system libvirtd and its modular daemons put their sockets.
+pub const LIBVIRT_RUN_DIRECTORY: &str = "/run/libvirt";
+
+/// Sends `Event::LibvirtSocketAppeared` whenever a libvirt daemon's socket is created
+/// in `directory` (`libvirt-sock`, `virtqemud-sock`, ...): libvirtd has (re)started, and
+/// a connect would now succeed. With it the loop reconnects at once after a restart,
+/// instead of at its next backoff attempt (up to 30 s later), and nothing polls. Only
+/// for a system URI of this machine; for others it returns `Ok(None)`, as it does when
+/// the directory does not exist (no libvirt here yet: the backoff covers that).
+pub fn spawn_libvirt_socket_watcher(
+    uri: &str,
+    directory: &Path,
+    events: EventSender,
+) -> Result<Option<JoinHandle<()>>, WatchError> {
+    use inotify::{Inotify, WatchMask};
+    let system = uri.split_once("://").is_some_and(|(_, rest)| {
+        rest.split('?')
+            .next()
+            .is_some_and(|path| path.ends_with("/system"))
+    });
+    if !system || !crate::host::select::devices_are_local(uri) || !directory.is_dir() {
+        return Ok(None);
+    }
+    let watch_error = |source| WatchError::WatchLibvirtSockets {
+        path: directory.to_path_buf(),
+        source,
+    };
+    let mut inotify = Inotify::init().map_err(watch_error)?;
+    inotify
+        .watches()
+        .add(directory, WatchMask::CREATE | WatchMask::MOVED_TO)
+        .map_err(watch_error)?;
+    let thread = std::thread::Builder::new()
+        .name("libvirt-sockets".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 4096];
+            loop {
+                // A failed read only costs the quick reconnect; the backoff remains.
+                let Ok(events_read) = inotify.read_events_blocking(&mut buffer) else {
+                    return;
+                };
+                let appeared = events_read.into_iter().any(|event| {
+                    event
+                        .name
+                        .and_then(|name| name.to_str())
+                        .is_some_and(|name| name.ends_with("-sock"))
+                });
+                if appeared && events.send(Event::LibvirtSocketAppeared).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|source| WatchError::SpawnThread {
+            name: "libvirt-sockets",
+            source,
+        })?;
+    Ok(Some(thread))
+}
+
 /// A file's directory and name.
 fn split(path: &Path) -> (PathBuf, OsString) {
     let directory = match path.parent() {
@@ -173,5 +238,34 @@ mod tests {
         std::fs::write(&target, "uri = \"test:///default\"\n").unwrap();
         let event = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(event, Event::ConfigChanged);
+    }
+
+    #[test]
+    fn a_new_libvirt_socket_is_noticed_and_other_files_are_not() {
+        let directory = tempfile::tempdir().unwrap();
+        let (sender, receiver) = crate::event::event_channel();
+        let started =
+            spawn_libvirt_socket_watcher("qemu:///system", directory.path(), sender.clone())
+                .unwrap();
+        assert!(started.is_some());
+        std::fs::write(directory.path().join("qemu.pid"), "1").unwrap();
+        assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
+        let socket =
+            std::os::unix::net::UnixListener::bind(directory.path().join("virtqemud-sock"));
+        assert!(socket.is_ok());
+        let event = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(event, Event::LibvirtSocketAppeared);
+        // Remote and session URIs have nothing to watch here.
+        for uri in [
+            "qemu+ssh://other/system",
+            "qemu:///session",
+            "test:///default",
+        ] {
+            assert!(
+                spawn_libvirt_socket_watcher(uri, directory.path(), sender.clone())
+                    .unwrap()
+                    .is_none()
+            );
+        }
     }
 }
