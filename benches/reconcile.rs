@@ -59,6 +59,7 @@ fn rules() -> Vec<Rule> {
             };
             Rule {
                 name: format!("rule-{index}"),
+                group: None,
                 matcher,
                 vms: vec![
                     format!("vm-{}", target % VMS),

@@ -1,5 +1,6 @@
 //! The one closed `Event` enum: everything that can wake the daemon's loop.
 
+use crate::daemon::control::ControlRequest;
 use crate::daemon::executor::CallFinished;
 use crate::model::{BusAddress, UsbDevice};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -71,6 +72,8 @@ pub enum Event {
     /// A libvirt call the loop started off its thread returned (an attach, a detach,
     /// a listing), however late.
     CallFinished(Box<CallFinished>),
+    /// `usbpass switch`, through the control socket: move a device group.
+    Control(ControlRequest),
     /// A libvirt daemon's socket appeared: libvirtd (re)started, reconnect now.
     LibvirtSocketAppeared,
     /// The libvirt connection closed or broke.

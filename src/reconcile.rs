@@ -22,6 +22,8 @@ pub enum DetachReason {
     Moving(String),
     /// A second owned hostdev for the same device.
     Duplicate,
+    /// `usbpass switch GROUP host`, or the group's VM is not running.
+    SentToHost,
 }
 
 impl fmt::Display for DetachReason {
@@ -31,6 +33,7 @@ impl fmt::Display for DetachReason {
             DetachReason::NoRule => f.write_str("no-rule"),
             DetachReason::Moving(vm) => write!(f, "moving-to-{vm}"),
             DetachReason::Duplicate => f.write_str("duplicate"),
+            DetachReason::SentToHost => f.write_str("sent-to-host"),
         }
     }
 }
@@ -120,6 +123,26 @@ pub struct LoopFacts {
     /// rule whose device left a VM from there: each goes to that VM, for as long as it
     /// stays plugged.
     pub followed: BTreeMap<BusAddress, Followed>,
+    /// Where `usbpass switch` sent each group: its devices go there instead of where
+    /// their rules say, until the group is handed back to its rules.
+    pub group_targets: BTreeMap<String, GroupTarget>,
+}
+
+/// Where a switched group's devices go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupTarget {
+    Vm(String),
+    Host,
+}
+
+impl fmt::Display for GroupTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupTarget::Vm(vm) => f.write_str(vm),
+            GroupTarget::Host => f.write_str("host"),
+        }
+    }
 }
 
 /// The rule and VM a device follows its predecessor on the same port into.
@@ -211,8 +234,29 @@ pub fn plan_with(
     let mut wanted: HashMap<BusAddress, (&str, Option<&str>)> = HashMap::new();
     let mut passed_over: HashMap<BusAddress, Vec<PassedOver>> = HashMap::new();
     let mut undecided: HashSet<BusAddress> = HashSet::new();
+    let mut sent_to_host: HashSet<BusAddress> = HashSet::new();
     for device in devices {
         match config.decide(device) {
+            RuleChoice::Rule(rule)
+                if rule
+                    .group
+                    .as_ref()
+                    .is_some_and(|group| facts.group_targets.contains_key(group)) =>
+            {
+                // Switched: the group's target, if it runs; the host otherwise.
+                let target = rule
+                    .group
+                    .as_ref()
+                    .and_then(|group| facts.group_targets.get(group));
+                let vm = match target {
+                    Some(GroupTarget::Vm(vm)) if running.contains(vm.as_str()) => Some(vm.as_str()),
+                    _ => None,
+                };
+                if vm.is_none() {
+                    sent_to_host.insert(device.address());
+                }
+                wanted.insert(device.address(), (rule.name.as_str(), vm));
+            }
             RuleChoice::Rule(rule) => {
                 let now_in = held_in.get(&device.address());
                 let is_in = |vm: &str| now_in.is_some_and(|vms| vms.contains(vm));
@@ -304,6 +348,9 @@ pub fn plan_with(
                     }
                 }
                 Some((_, Some(vm))) => detaches.push(detach(DetachReason::Moving(vm.to_string()))),
+                Some((_, None)) if sent_to_host.contains(&device.address()) => {
+                    detaches.push(detach(DetachReason::SentToHost))
+                }
                 // The rule names no running VM that can take it (this one is not in its
                 // list, and those that are run out of ports).
                 Some((_, None)) => detaches.push(detach(DetachReason::NoRule)),

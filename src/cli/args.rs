@@ -54,6 +54,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move every device of GROUP (rules with `group = "GROUP"`) to a VM at once:
+    /// TARGET is a VM of the group, `host`, or `next` (the group's next VM); `--rules`
+    /// hands the group back to its rules. Asks the running daemon, and waits until
+    /// every device is in place.
+    Switch {
+        group: String,
+        #[arg(required_unless_present = "rules", conflicts_with = "rules")]
+        target: Option<String>,
+        /// Hand the group back to its rules.
+        #[arg(long)]
+        rules: bool,
+        /// Seconds to wait for every device to be in place.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the rules file; exits non-zero on error.
     Check,
     /// Add or update a rule so DEVICE goes to VM; the daemon picks it up.

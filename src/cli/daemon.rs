@@ -3,7 +3,7 @@
 
 use super::CliError;
 use crate::daemon::lock::{remove_leftover_temporaries, DaemonLock};
-use crate::daemon::{notify, watch};
+use crate::daemon::{control, notify, watch};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::event::{event_channel, Event, EventSender};
 use crate::host::select::{self, SourceKind, SourceRefusal};
@@ -53,6 +53,14 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         },
     };
     watch::spawn_config_watcher(config_path, sender.clone())?;
+    // `usbpass switch` talks to the daemon here, beside the state file it locked. Without
+    // it the daemon still does its main job; only switching is unavailable.
+    if let Err(error) = control::spawn_control_socket(
+        state_path.parent().unwrap_or(Path::new(".")),
+        sender.clone(),
+    ) {
+        log::warn!("{error}; usbpass switch is unavailable");
+    }
     watch::spawn_libvirt_socket_watcher(
         &config.uri,
         Path::new(watch::LIBVIRT_RUN_DIRECTORY),

@@ -162,6 +162,9 @@ pub fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitC
                     println!("rules: refused, previous rules in force: {error}");
                 }
                 println!("running vms: {}", state.running_vms.join(", "));
+                for (group, target) in &state.groups {
+                    println!("group {group}: switched to {target} (usbpass switch {group} --rules hands it back)");
+                }
                 for vm in &state.vms_not_answering {
                     println!(
                         "  not answering: vm {} ({}): {}",

@@ -8,6 +8,7 @@ mod generate;
 mod hotplug;
 mod inspect;
 mod rules_file;
+mod switch;
 mod table;
 mod why;
 
@@ -63,6 +64,12 @@ pub enum CliError {
     RunDaemon(#[from] DaemonError),
     #[error(transparent)]
     LockDaemon(#[from] crate::daemon::lock::LockError),
+    #[error("no usbpass daemon answers at {socket}: {source}; start it (systemctl start usbpass)")]
+    ReachDaemon {
+        socket: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("device {device} is a hub; usbpass never passes hubs through")]
     AttachHub { device: Box<UsbDevice> },
     #[error("vm {vm} is not running on {uri}")]
@@ -115,6 +122,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Rules { json } => inspect::rules(config, json),
         Command::Status { json } => inspect::status(config, &cli.state, json),
         Command::Why { device, json } => why::why(config, &cli.state, &device, json),
+        Command::Switch {
+            group,
+            target,
+            rules,
+            timeout,
+            json,
+        } => switch::switch(&cli.state, &group, target.as_deref(), rules, timeout, json),
         Command::Check => rules_file::check(config),
         Command::Assign { device, vm, by } => rules_file::assign(config, &device, &vm, by),
         Command::Unassign { target } => rules_file::unassign(config, &target),

@@ -10,10 +10,12 @@
 mod calls;
 pub mod clock;
 mod connection;
+pub mod control;
 mod decision;
 mod definitions;
 pub mod executor;
 mod follow;
+pub mod groups;
 mod in_flight;
 mod live_domains;
 pub mod lock;
@@ -97,6 +99,8 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     facts: LoopFacts,
     /// Ports a followed rule's device left from, by port path (see `follow`).
     departures: BTreeMap<String, follow::Departure>,
+    /// `usbpass switch` requests waiting for their devices (see `groups`).
+    pending_switches: Vec<groups::PendingSwitch>,
     timing: DecisionTiming,
     watchdog: Watchdog,
     status: Status,
@@ -148,6 +152,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         let executor = Executor::new(events_sender.clone());
         let connection = Connection::new(connector, events_sender, clock.now(), CALL_DEADLINE);
         let watchdog = Watchdog::new(options.watchdog);
+        // A switch holds across restarts until changed.
+        let group_targets = groups::load_group_targets(&groups::groups_path(&options.state_path));
         Daemon {
             connection,
             device_source,
@@ -163,8 +169,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             definitions: definitions::DefinitionsChore::default(),
             pending_detaches: PendingDetaches::default(),
             retries: RetryBook::default(),
-            facts: LoopFacts::default(),
+            facts: LoopFacts {
+                group_targets,
+                ..LoopFacts::default()
+            },
             departures: BTreeMap::new(),
+            pending_switches: Vec::new(),
             timing: DecisionTiming::new(),
             watchdog,
             status: Status::new(),
@@ -251,7 +261,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         };
         // A call's deadline counts whatever the connection: a stuck VM is shown as such.
         work.into_iter()
-            .chain([self.in_flight.next_deadline()])
+            .chain([self.in_flight.next_deadline(), self.next_switch_deadline()])
             .flatten()
             .filter(|at| self.converged_at.is_none_or(|converged| *at > converged))
             .chain(self.watchdog.next_ping())
@@ -364,6 +374,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
             }
             Event::CallFinished(finished) => self.call_finished(*finished),
+            Event::Control(request) => self.switch_requested(request),
             Event::LibvirtSocketAppeared => self.connection.libvirt_came_back(self.clock.now()),
             Event::HypervisorDisconnected { reason } => {
                 log::warn!("libvirt connection lost: {reason}");
@@ -382,7 +393,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.live.invalidate();
                 self.ready_after_converge = true;
             }
-            Event::Terminate => return Ok(true),
+            Event::Terminate => {
+                for switch in std::mem::take(&mut self.pending_switches) {
+                    switch.stopping();
+                }
+                return Ok(true);
+            }
             Event::SourceFailed { source, message } => {
                 return Err(DaemonError::WatchSource {
                     source_name: source,
@@ -478,6 +494,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         self.converged_at = Some(self.clock.now());
         self.expire_calls();
         self.round();
+        self.answer_switches();
         self.write_state();
     }
 
@@ -584,6 +601,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             libvirt_error: self.connection.last_error(),
             retries: &self.retries,
             vms_not_answering: self.vms_not_answering(),
+            group_targets: &self.facts.group_targets,
         }
     }
 

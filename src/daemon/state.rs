@@ -95,6 +95,9 @@ pub struct DaemonState {
     pub failures: Vec<ActionFailure>,
     /// The last failures, newest last, including those no longer wanted.
     pub recent_failures: Vec<ActionFailure>,
+    /// Device groups switched with `usbpass switch`: group to `win11` or `host`.
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, String>,
 }
 
 impl DaemonState {
@@ -177,6 +180,7 @@ mod tests {
             failures: vec![],
             recent_failures: vec![],
             vms_not_answering: vec![],
+            groups: Default::default(),
         };
         state.write(&path).unwrap();
         let read = DaemonState::read(&path).unwrap();

@@ -4,8 +4,9 @@
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, VmNotAnswering, STATE_FORMAT};
 use crate::hypervisor::DomainView;
-use crate::reconcile::Placement;
+use crate::reconcile::{GroupTarget, Placement};
 use crate::rules::Config;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// What the status keeps of its own: what the last round saw.
@@ -18,6 +19,13 @@ pub struct Status {
     write_failed: bool,
 }
 
+impl Status {
+    /// Each present device's placement as the last round saw it.
+    pub fn placements(&self) -> &[Placement] {
+        &self.placements
+    }
+}
+
 /// The rest of the loop's view, lent for one snapshot.
 pub struct LoopView<'a> {
     pub config: &'a Config,
@@ -28,6 +36,8 @@ pub struct LoopView<'a> {
     pub libvirt_error: Option<&'a str>,
     pub retries: &'a RetryBook,
     pub vms_not_answering: Vec<VmNotAnswering>,
+    /// Groups switched with `usbpass switch`, and where to.
+    pub group_targets: &'a BTreeMap<String, GroupTarget>,
 }
 
 impl Status {
@@ -100,6 +110,11 @@ impl Status {
             devices: self.placements.clone(),
             failures: view.retries.current(),
             recent_failures: view.retries.recent(),
+            groups: view
+                .group_targets
+                .iter()
+                .map(|(group, target)| (group.clone(), target.to_string()))
+                .collect(),
         }
     }
 
@@ -178,6 +193,7 @@ mod tests {
             libvirt_error: None,
             retries: &retries,
             vms_not_answering: Vec::new(),
+            group_targets: &BTreeMap::new(),
         };
         assert_eq!(
             status.line(&view),

@@ -566,6 +566,7 @@ fn sighup_rescans_devices_and_heals_missed_events() {
 }
 
 mod follow;
+mod groups;
 mod plugs;
 mod rules_file;
 mod stuck;

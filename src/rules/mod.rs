@@ -180,6 +180,10 @@ fn is_below_hub(device: &UsbDevice, hub: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
     pub name: String,
+    /// `group = "desk"`: the rules of a group are switched together between VMs with
+    /// `usbpass switch` (a USB "KVM switch").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub matcher: Matcher,
     /// Never empty. The first running VM wins.
     pub vms: Vec<String>,
@@ -272,6 +276,35 @@ pub struct Config {
 }
 
 impl Config {
+    /// The VMs of a group, in the order its rules name them, each once.
+    pub fn group_vms(&self, group: &str) -> Vec<String> {
+        let mut vms: Vec<String> = Vec::new();
+        for rule in self
+            .rules
+            .iter()
+            .filter(|rule| rule.group.as_deref() == Some(group))
+        {
+            for vm in &rule.vms {
+                if !vms.contains(vm) {
+                    vms.push(vm.clone());
+                }
+            }
+        }
+        vms
+    }
+
+    /// The groups the rules name, sorted.
+    pub fn groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = self
+            .rules
+            .iter()
+            .filter_map(|rule| rule.group.clone())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        groups
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: path.to_path_buf(),

@@ -146,8 +146,27 @@ impl Config {
                     )
                 })?),
             };
+            let group = match &raw_rule.group {
+                None => None,
+                Some(group) => {
+                    let text = group.get_ref();
+                    if text.trim().is_empty()
+                        || text.chars().any(|c| c.is_control() || c.is_whitespace())
+                        || matches!(text.as_str(), "host" | "next")
+                    {
+                        return Err(invalid(
+                            group.span(),
+                            format!(
+                                "rule {name:?}: group {text:?} must be one word, not \"host\" or \"next\""
+                            ),
+                        ));
+                    }
+                    Some(text.clone())
+                }
+            };
             rules.push(Rule {
                 name,
+                group,
                 matcher,
                 vms,
                 reconnect,
@@ -359,6 +378,7 @@ struct RawRule {
     #[serde(rename = "return")]
     give_back: Option<Spanned<String>>,
     follow: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// `vm = "a"` or `vm = ["a", "b"]`.

@@ -567,7 +567,10 @@ class Daemon:
     def __init__(self, binary, scratch):
         self.binary = binary
         self.config = f"{scratch}/usbpass.toml"
-        self.state = f"{scratch}/state.json"
+        # The daemon's runtime directory, as on a host: its lock files and the control
+        # socket of `usbpass switch` live beside the state file (a socket cannot live
+        # on the 9p scratch folder).
+        self.state = "/run/usbpass/state.json"
         self.log_path = f"{scratch}/daemon.log"
         self.process = None
         self.unavailable = None
@@ -2108,7 +2111,7 @@ def scenario_17(world, results):
     with open(other, "w") as file:
         file.write(f'uri = "{URI}"\n\n[[rule]]\nname = "thief"\nid = "0627:0001"\nvm = "{GUEST2}"\n')
     refused = 0
-    for state in (world.daemon.state, f"{scratch}/other-state.json"):
+    for state in (world.daemon.state, os.path.join(os.path.dirname(world.daemon.state), "other-state.json")):
         began = time.monotonic()
         try:
             second = subprocess.run(
@@ -2390,6 +2393,80 @@ def scenario_24(world, results):
         world.daemon.write_rules(RULES)
 
 
+GROUP_RULES = "".join(
+    f'[[rule]]\nname = "desk-{port}"\nport = "1-{port}"\nvm = ["{GUEST1}", "{GUEST2}"]\ngroup = "desk"\n\n'
+    for port in (1, 2, 3)
+)
+
+
+def usbpass_switch(world, *args):
+    """`usbpass switch` through the CLI, as a user runs it; returns (exit code, reply)."""
+    command = [world.daemon.binary, "--config", world.daemon.config, "--state", world.daemon.state, "switch", *args, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    try:
+        reply = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise Fail(f"usbpass switch {' '.join(args)} printed no reply (exit {done.returncode}): {done.stderr.strip()}")
+    return done.returncode, reply
+
+
+def scenario_25(world, results):
+    # A USB "KVM switch": three devices in group desk (one port rule each, both guests),
+    # switched between the guests 5 times with `usbpass switch`; every device ends where
+    # it should each time. Then the same for a group of one, for the time it takes.
+    ensure_running(world.lv, GUEST1, GUEST2)
+    world.daemon.start()
+    first_rule = '[[rule]]\nname = "port-six"'
+    before = world.daemon.log_size()
+    world.daemon.write_rules(RULES.replace(first_rule, GROUP_RULES + first_rule, 1))
+    try:
+        wait_until(lambda: "rules reloaded" in world.daemon.log_since(before), 20, "the group rules applied", interval=0.1)
+        offset = world.daemon.log_size()
+        plugs = [world.usb.plug(kind, port) for kind, port in (("kbd", 1), ("mouse", 2), ("tablet", 3))]
+        world.assert_exactly({GUEST1: plugs}, timeout=ATTACH_DEADLINE)
+        group_ms, group_wall = [], []
+        for cycle in range(5):
+            for target in (GUEST2, GUEST1):
+                began = time.monotonic()
+                code, reply = usbpass_switch(world, "desk", target)
+                wall = time.monotonic() - began
+                if code != 0 or not reply.get("ok"):
+                    raise Fail(f"switch to {target} (cycle {cycle + 1}) failed: exit {code}, {reply}")
+                if len(reply["devices"]) != 3 or not all(d["in_place"] and d["place"] == target for d in reply["devices"]):
+                    raise Fail(f"switch to {target} (cycle {cycle + 1}) reported {reply['devices']}")
+                world.assert_exactly({target: plugs}, timeout=10)
+                group_ms.append(reply["milliseconds"])
+                group_wall.append(wall)
+        say(f"usbpass: group of 3 switched 10 times, median {statistics.median(group_ms)} ms in the daemon, {statistics.median(group_wall):.2f} s for the command")
+        state = world.daemon.read_state() or {}
+        if state.get("groups", {}).get("desk") != GUEST1:
+            raise Fail(f"state file does not show the switch: {state.get('groups')}")
+        # A group of one, for comparison.
+        for plug in plugs[1:]:
+            world.usb.unplug(plug)
+        one_ms = []
+        for target in (GUEST2, GUEST1, GUEST2, GUEST1):
+            code, reply = usbpass_switch(world, "desk", target)
+            if code != 0:
+                raise Fail(f"switch of one device to {target} failed: {reply}")
+            world.assert_exactly({target: plugs[:1]}, timeout=10)
+            one_ms.append(reply["milliseconds"])
+        say(f"usbpass: group of 1 switched 4 times, median {statistics.median(one_ms)} ms in the daemon")
+        code, reply = usbpass_switch(world, "desk", "--rules")
+        if code != 0 or reply.get("target") != "rules":
+            raise Fail(f"switch --rules failed: {reply}")
+        world.assert_exactly({GUEST1: plugs[:1]})
+        lost, duplicates = fault_figures(world, offset, [])
+        if duplicates:
+            raise Fail(f"daemon attached a device already attached: {duplicates[0]}")
+        results.data["switch"] = {"group_of_3_ms": group_ms, "group_of_3_command_s": [round(w, 3) for w in group_wall], "group_of_1_ms": one_ms}
+        results.save()
+        world.usb.unplug(plugs[0])
+        world.assert_exactly({})
+    finally:
+        world.daemon.write_rules(RULES)
+
+
 # ---------------------------------------------------------------- the benchmark against the peer
 
 BENCH_RULE = "0627:0001"
@@ -2581,7 +2658,7 @@ def peer_benchmark(world, results):
     results.data["bench"]["storm_schedule"] = storm_schedule()
     usbpass = Daemon(CONFIG["usbpass_bin"], CONFIG["scratch"])
     usbpass.config = f"{CONFIG['scratch']}/bench-usbpass.toml"
-    usbpass.state = f"{CONFIG['scratch']}/bench-state.json"
+    usbpass.state = "/run/usbpass/bench-state.json"
     usbpass.log_path = f"{CONFIG['scratch']}/bench-usbpass.log"
     usbpass.write_rules(BENCH_RULES)
     tools = [UsbpassTool(usbpass), PeerTool(CONFIG["peer_bin"], GUEST1, BENCH_RULE), ScriptTool(GUEST1)]
@@ -2670,7 +2747,7 @@ def main():
         return 1
 
     world = World(lv, usb, daemon)
-    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 25)}
+    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 26)}
     baseline_done = False
     for scenario in selected:
         if scenario.number == 13 and not baseline_done and {1, 3, 4} & set(CONFIG["scenarios"]):

@@ -39,4 +39,5 @@ SCENARIOS = [
     Scenario(22, "fault-storm-44-irregular-plugs-ends-in-guest-one-hostdev"),
     Scenario(23, "node-device-source-plug-unplug-replug"),
     Scenario(24, "follow-other-ids-on-the-same-port-within-the-window-only"),
+    Scenario(25, "switch-group-of-3-between-2-vms-5-times"),
 ]
