@@ -293,3 +293,35 @@ fn why_explains_each_rule_the_vms_and_where_the_device_is() {
     let hub = cli.ok(&["why", "1-2"]);
     assert!(hub.contains("never: hubs are not passed through"), "{hub}");
 }
+
+#[test]
+fn list_and_why_show_a_switched_group_as_the_daemon_places_it() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(&format!(
+        "{START}[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = [\"win11\", \"test\"]\ngroup = \"desk\"\n"
+    ));
+    // What `usbpass switch desk host` leaves beside the state file.
+    std::fs::write(
+        cli.directory.path().join("groups.json"),
+        r#"{"desk": "host"}"#,
+    )
+    .unwrap();
+    let table = cli.ok(&["list"]);
+    let receiver = table.lines().find(|l| l.contains("046d:c52b")).unwrap();
+    assert!(
+        receiver.contains("receiver -> host (group desk switched)"),
+        "{receiver}"
+    );
+    // No daemon runs here: switch says so in one line.
+    let error = cli.fails(&["switch", "desk", "test"]);
+    assert!(
+        error.starts_with("usbpass: no usbpass daemon answers at "),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("start it (systemctl start usbpass)"),
+        "{error}"
+    );
+}

@@ -10,12 +10,13 @@ use crate::rules::Config;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn list(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
+pub fn list(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
     let devices = present_devices(&config)?;
     let domains = running_domains(&config.uri);
     let known = domains.is_some();
-    let plan = reconcile::plan(&config, &devices, domains.as_deref().unwrap_or(&[]));
+    let facts = switched_groups(state_path);
+    let plan = reconcile::plan_with(&config, &devices, domains.as_deref().unwrap_or(&[]), &facts);
     if json {
         #[derive(serde::Serialize)]
         struct Listing<'a> {
@@ -34,7 +35,18 @@ pub fn list(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
         .iter()
         .map(|placement| {
             let device = &placement.device;
+            let switched = placement
+                .rule
+                .as_ref()
+                .and_then(|name| config.rules.iter().find(|rule| rule.name == *name))
+                .and_then(|rule| rule.group.as_ref())
+                .filter(|group| facts.group_targets.contains_key(*group));
             let rule = match (&placement.rule, &placement.wanted_vm) {
+                (Some(rule), vm) if switched.is_some() => format!(
+                    "{rule} -> {} (group {} switched)",
+                    vm.as_deref().unwrap_or("host"),
+                    switched.map_or("", String::as_str)
+                ),
                 (Some(rule), Some(vm)) => format!("{rule} -> {vm}"),
                 (Some(rule), None) => format!("{rule} (no vm running)"),
                 (None, _) if device.is_hub() => "(hub)".to_string(),
@@ -56,6 +68,17 @@ pub fn list(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
         &rows,
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The groups `usbpass switch` sent somewhere, as the daemon keeps them, so that the
+/// CLI shows what the daemon does.
+pub(super) fn switched_groups(state_path: &Path) -> reconcile::LoopFacts {
+    reconcile::LoopFacts {
+        group_targets: crate::daemon::groups::load_group_targets(
+            &crate::daemon::groups::groups_path(state_path),
+        ),
+        ..reconcile::LoopFacts::default()
+    }
 }
 
 pub fn rules(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {

@@ -118,7 +118,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let config = &cli.config;
     match cli.command {
         Command::Daemon => daemon::run_daemon(config, &cli.state),
-        Command::List { json } => inspect::list(config, json),
+        Command::List { json } => inspect::list(config, &cli.state, json),
         Command::Rules { json } => inspect::rules(config, json),
         Command::Status { json } => inspect::status(config, &cli.state, json),
         Command::Why { device, json } => why::why(config, &cli.state, &device, json),

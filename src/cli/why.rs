@@ -95,7 +95,12 @@ pub fn why(
     let libvirt_error = summaries.as_ref().err().map(ToString::to_string);
 
     let domains = running_domains(&config.uri);
-    let plan = reconcile::plan(&config, &devices, domains.as_deref().unwrap_or(&[]));
+    let plan = reconcile::plan_with(
+        &config,
+        &devices,
+        domains.as_deref().unwrap_or(&[]),
+        &super::inspect::switched_groups(state_path),
+    );
     let placement = plan
         .placements
         .iter()

@@ -6,6 +6,7 @@
 //! returns.
 
 use crate::daemon::executor::CallId;
+use crate::model::alias::HostdevAlias;
 use crate::reconcile::Action;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -100,6 +101,14 @@ impl InFlight {
         self.calls.values().any(|call| {
             matches!(&call.kind, CallKind::Action { action: Action::Attach { domain: to, alias: attached, .. }, .. }
                 if to == domain && attached.as_str() == alias)
+        })
+    }
+
+    /// Whether a detach of a hostdev with this alias is out, in any VM.
+    pub fn detaching(&self, alias: &HostdevAlias) -> bool {
+        self.calls.values().any(|call| {
+            matches!(&call.kind, CallKind::Action { action: Action::Detach { alias: detached, .. }, .. }
+                if detached == alias)
         })
     }
 

@@ -533,9 +533,23 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         let mut plan = reconcile::plan_with(&self.config, &devices, &domains, &self.facts);
         // An attach under the alias of a detach still under way would be refused
         // as a duplicate alias: it waits for DEVICE_REMOVED.
-        plan.actions.retain(|action| {
-            !matches!(action, Action::Attach { domain, alias, .. }
-                if self.pending_detaches.contains(domain, alias))
+        // And a device moving between VMs is free for its new VM only once the old one
+        // let go of it: the two VMs' calls run side by side, and an attach that races
+        // its own detach is refused ("in use by domain ..."). The alias names the
+        // device, so a detach of the same alias anywhere holds the attach back.
+        let detaching_now: BTreeSet<HostdevAlias> = plan
+            .actions
+            .iter()
+            .filter(|action| matches!(action, Action::Detach { .. }))
+            .map(|action| action.alias().clone())
+            .collect();
+        plan.actions.retain(|action| match action {
+            Action::Attach { alias, .. } => {
+                !(detaching_now.contains(alias)
+                    || self.pending_detaches.contains_alias(alias)
+                    || self.in_flight.detaching(alias))
+            }
+            Action::Detach { .. } => true,
         });
         self.retries.keep_wanted(&plan.actions);
         // One call per VM at a time, in the plan's order (detaches first); none to a VM

@@ -36,10 +36,10 @@ impl PendingDetaches {
         self.0.values().map(|at| *at + DETACH_GRACE).min()
     }
 
-    /// Whether a detach of this hostdev is under way.
-    pub fn contains(&self, domain: &str, alias: &HostdevAlias) -> bool {
-        self.0
-            .contains_key(&(domain.to_string(), alias.to_string()))
+    /// Whether a detach of a hostdev with this alias is under way in any VM: the device
+    /// it points at is not free for another VM until it finishes.
+    pub fn contains_alias(&self, alias: &HostdevAlias) -> bool {
+        self.0.keys().any(|(_, pending)| pending == alias.as_str())
     }
 
     /// Drops from the listing the hostdevs whose detach is under way, and forgets

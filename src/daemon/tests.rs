@@ -486,24 +486,34 @@ fn a_call_that_breaks_the_connection_every_time_backs_off() {
 }
 
 #[test]
-fn a_device_moving_between_vms_is_retried_when_the_old_vm_lets_go() {
+fn a_device_moving_between_vms_waits_for_the_old_vm_to_let_go() {
     // QEMU finishes the unplug from fedora later, as it does for a real guest.
     let mut world = FakeWorld::with_domains(&["fedora"]);
     world.asynchronous_detach = true;
     let harness = Harness::start(RULES, world, vec![receiver(5)]);
     harness.wait_until("attach to fedora", |w| w.aliases_in("fedora").len() == 1);
-    // win11 starts, but the attach there fails while fedora still holds the device.
-    harness.world.lock().failing_attaches = [FailureKind::DeviceInUse].into();
+    // win11 starts: the device moves there. The two VMs' calls run side by side, but
+    // the attach to win11 waits until fedora let go: libvirt would refuse it with
+    // "in use by domain fedora" before that.
     harness.world.lock().start_domain("win11");
     harness.send_and_settle(Event::Domain {
         domain: "win11".into(),
         change: DomainChange::Started,
     });
-    assert_eq!(harness.state().failures[0].retry_in_ms, Some(5_000));
-    // libvirt reports the detach from fedora: the attach is due at once, not in 5 s.
+    assert_eq!(harness.world.lock().detaches().len(), 1);
+    assert_eq!(
+        harness.count(|call| matches!(call, Call::Attach { domain, .. } if domain == "win11")),
+        0
+    );
+    // libvirt reports the detach from fedora: the attach goes out at once, once.
     harness.world.lock().finish_detaches();
     harness.settle();
-    assert_eq!(harness.world.lock().aliases_in("win11").len(), 1);
+    harness.wait_until("attach to win11", |w| w.aliases_in("win11").len() == 1);
+    assert_eq!(
+        harness.count(|call| matches!(call, Call::Attach { domain, .. } if domain == "win11")),
+        1
+    );
+    assert!(harness.state().failures.is_empty());
     harness.stop().unwrap();
 }
 
