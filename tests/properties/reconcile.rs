@@ -415,7 +415,7 @@ fn rules_hostdevs_at<'a>(domains: &'a [DomainView], device: &UsbDevice) -> Vec<&
 }
 
 proptest! {
-    #![proptest_config(crate::config(768))]
+    #![proptest_config(crate::config(2048))]
 
     /// Applying a plan and planning again gives nothing to do; no plan ever removes or
     /// changes a hostdev usbpass does not own; each action is one libvirt would accept.
