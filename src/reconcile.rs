@@ -335,6 +335,17 @@ pub fn plan_with(
                 detaches.push(detach(DetachReason::DeviceGone));
                 continue;
             };
+            if ownership == Ownership::Rules
+                && alias
+                    .target()
+                    .is_some_and(|(named, _)| hostdev.address.is_some_and(|held| held != named))
+            {
+                // Its alias names another plug than the one it holds (usbpass never writes
+                // such a hostdev): it would block that plug's attach under the same alias.
+                // It goes, and the plug it holds is attached again under its own alias.
+                detaches.push(detach(DetachReason::Duplicate));
+                continue;
+            }
             if ownership == Ownership::Manual || undecided.contains(&device.address()) {
                 // Hand-placed: stays until its device goes away. Undecided: stays until
                 // the rules can say.
