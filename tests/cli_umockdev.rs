@@ -1,7 +1,8 @@
 //! The `usbpass` command line against a recorded USB tree: the binary runs under
 //! `umockdev-run` with `tests/umockdev/usb-tree.umockdev`, so udev and sysfs show two
 //! controllers, a hub and seven devices. libvirt is its in-process test driver
-//! (`test:///default`, one running domain named `test`), so no libvirtd is needed.
+//! (`test:///default`, one running domain named `test`), so no libvirtd is needed,
+//! except for `why` against the real libvirtd (its own firmware-only domain).
 //! With `CI` set a missing umockdev-run fails the tests; otherwise they skip.
 
 use std::path::{Path, PathBuf};
@@ -324,4 +325,63 @@ fn list_and_why_show_a_switched_group_as_the_daemon_places_it() {
         error.ends_with("start it (systemctl start usbpass)"),
         "{error}"
     );
+}
+
+#[path = "support/libvirt_env.rs"]
+mod libvirt_env;
+
+#[test]
+fn why_reads_vm_states_and_usb_ports_from_the_real_libvirtd() {
+    if !umockdev_available() {
+        return;
+    }
+    usbpass_require_libvirtd!();
+    let domain = libvirt_env::TestDomain::define("why", "", " ports='4'", "");
+    let cli = Cli::new(&format!(
+        "uri = \"{}\"\n[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = [\"{}\", \"usbpass-no-such-vm\"]\n",
+        libvirt_env::URI,
+        domain.name
+    ));
+    let text = cli.ok(&["why", "046d:c52b"]);
+    assert!(
+        text.contains(&format!("vm {}: shut off", domain.name)),
+        "{text}"
+    );
+    assert!(
+        text.contains("vm usbpass-no-such-vm: not defined"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the rules want it in a vm, but no vm of rule receiver runs"),
+        "{text}"
+    );
+    domain.start();
+    let text = cli.ok(&["why", "046d:c52b"]);
+    assert!(
+        text.contains(&format!(
+            "vm {}: running, usb ports: 0 of 4 taken, 4 free",
+            domain.name
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("the rules want it in {}", domain.name)),
+        "{text}"
+    );
+    domain.destroy();
+}
+
+#[test]
+fn check_reports_in_json_too() {
+    if !umockdev_available() {
+        return;
+    }
+    let cli = Cli::new(&format!(
+        "{START}[[rule]]\nname = \"receiver\"\nid = \"046d:c52b\"\nvm = \"test\"\ngroup = \"desk\"\n"
+    ));
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["check", "--json"])).unwrap();
+    assert_eq!(json["ok"], true);
+    assert_eq!(json["rules"], 1);
+    assert_eq!(json["groups"][0], "desk");
+    assert_eq!(json["uri"], "test:///default");
 }

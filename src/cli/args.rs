@@ -72,7 +72,10 @@ pub enum Command {
         json: bool,
     },
     /// Validate the rules file; exits non-zero on error.
-    Check,
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or update a rule so DEVICE goes to VM; the daemon picks it up.
     Assign {
         device: String,
@@ -84,10 +87,19 @@ pub enum Command {
     /// Remove the rule named TARGET, or the rule that matches the device TARGET.
     Unassign { target: String },
     /// Attach DEVICE to VM now, once (not a rule; the daemon leaves it in place).
-    Attach { device: String, vm: String },
+    Attach {
+        device: String,
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach DEVICE (or the hostdev with alias ua-usbpass-...) from whichever VM holds it
     /// through usbpass.
-    Detach { device: String },
+    Detach {
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), or with --dir write one page per subcommand there.

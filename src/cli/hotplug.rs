@@ -5,11 +5,30 @@ use super::table::where_is;
 use super::{connect, load_config_for_reading, resolve_device, CliError};
 use crate::hypervisor::{HostdevSpec, Hypervisor};
 use crate::model::alias::{HostdevAlias, Ownership, ALIAS_PREFIX};
+use crate::model::UsbDevice;
 use crate::reconcile;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode, CliError> {
+/// What `--json` prints for one hostdev attached or detached.
+#[derive(serde::Serialize)]
+struct Done<'a> {
+    action: &'static str,
+    device: Option<&'a UsbDevice>,
+    vm: &'a str,
+    alias: &'a str,
+}
+
+fn report(json: bool, done: &[Done], text: impl FnOnce()) -> Result<(), CliError> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(done)?);
+    } else {
+        text();
+    }
+    Ok(())
+}
+
+pub fn attach(config_path: &Path, spec: &str, vm: &str, json: bool) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
     let (device, devices) = resolve_device(&config, spec)?;
     if device.is_hub() {
@@ -40,11 +59,19 @@ pub fn attach(config_path: &Path, spec: &str, vm: &str) -> Result<ExitCode, CliE
     }
     let alias = HostdevAlias::for_manual(&device);
     hypervisor.attach(vm, &HostdevSpec::new(&device, alias.clone()))?;
-    println!("attached {device} to vm {vm} as {alias}");
+    let done = [Done {
+        action: "attach",
+        device: Some(&device),
+        vm,
+        alias: alias.as_str(),
+    }];
+    report(json, &done, || {
+        println!("attached {device} to vm {vm} as {alias}")
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
+pub fn detach(config_path: &Path, spec: &str, json: bool) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
     let hypervisor = connect(&config.uri)?;
     let domains = hypervisor.running_domains()?;
@@ -62,10 +89,20 @@ pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
                 uri: config.uri,
             });
         }
+        let mut done = Vec::new();
         for domain in holders {
             hypervisor.detach(domain, &alias)?;
-            println!("detached {spec} from vm {domain}");
+            if !json {
+                println!("detached {spec} from vm {domain}");
+            }
+            done.push(Done {
+                action: "detach",
+                device: None,
+                vm: domain,
+                alias: alias.as_str(),
+            });
         }
+        report(json, &done, || {})?;
         return Ok(ExitCode::SUCCESS);
     }
     let (device, devices) = resolve_device(&config, spec)?;
@@ -95,6 +132,7 @@ pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
                 .unwrap_or_else(|| "a hostdev without alias".to_string()),
         });
     }
+    let mut done = Vec::new();
     for holder in &placement.holders {
         let alias = holder.alias.as_deref().unwrap_or("-");
         // Ownership comes from the alias: an owned holder's alias parses.
@@ -110,7 +148,15 @@ pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
             continue;
         };
         hypervisor.detach(&holder.domain, &owned)?;
-        println!("detached {device} from vm {} ({alias})", holder.domain);
+        if !json {
+            println!("detached {device} from vm {} ({alias})", holder.domain);
+        }
+        done.push(Done {
+            action: "detach",
+            device: Some(&device),
+            vm: &holder.domain,
+            alias,
+        });
         if holder.ownership == Ownership::Rules {
             if let Some(rule) = &placement.rule {
                 eprintln!(
@@ -120,5 +166,6 @@ pub fn detach(config_path: &Path, spec: &str) -> Result<ExitCode, CliError> {
             }
         }
     }
+    report(json, &done, || {})?;
     Ok(ExitCode::SUCCESS)
 }

@@ -15,10 +15,22 @@ use std::process::ExitCode;
 
 /// `usbpass check`: the rules file parses and validates, and the device source it
 /// selects can serve every rule (the daemon refuses the same file the same way).
-pub fn check(config_path: &Path) -> Result<ExitCode, CliError> {
+pub fn check(config_path: &Path, json: bool) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
     let source = select::choose(config.device_source, &config.uri);
     select::check_rules(&config, source)?;
+    if json {
+        let report = serde_json::json!({
+            "path": config_path.to_string_lossy(),
+            "ok": true,
+            "rules": config.rules.len(),
+            "groups": config.groups(),
+            "uri": config.uri,
+            "device_source": source.to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{}: ok, {} rules, libvirt uri {}, usb devices from {}",
         config_path.display(),
