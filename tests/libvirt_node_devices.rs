@@ -22,7 +22,7 @@ use usbpass::hypervisor::libvirt::node_device_source::{list_usb_devices, Libvirt
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
 
-use libvirt_env::{virsh_ok, URI};
+use libvirt_env::{our_clients, require_virt_admin, virsh_ok, wait_until, URI};
 
 /// Only a deadline for declaring failure, never a measurement.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -42,59 +42,6 @@ fn virsh_usb_devices() -> usize {
         .lines()
         .filter(|line| !line.trim().is_empty())
         .count()
-}
-
-/// Client ids of this process's connections to libvirtd, from libvirtd's admin side.
-fn our_clients() -> Option<Vec<String>> {
-    let list = Command::new("virt-admin")
-        .args(["srv-clients-list", "libvirtd"])
-        .output()
-        .ok()?;
-    if !list.status.success() {
-        return None;
-    }
-    let pid = format!("unix_process_id:{}", std::process::id());
-    let mut ours = Vec::new();
-    for id in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
-    {
-        let info = Command::new("virt-admin")
-            .args(["client-info", "libvirtd", id])
-            .output()
-            .ok()?;
-        if String::from_utf8_lossy(&info.stdout)
-            .lines()
-            .any(|line| line.replace(' ', "") == pid)
-        {
-            ours.push(id.to_string());
-        }
-    }
-    Some(ours)
-}
-
-fn require_virt_admin() -> bool {
-    if our_clients().is_some() {
-        return true;
-    }
-    let reason = "virt-admin cannot list libvirtd's clients";
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set: {reason}");
-    }
-    eprintln!("skipping: {reason}");
-    false
-}
-
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -22,7 +22,7 @@ use usbpass::model::{BusAddress, UsbId};
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
 
-use libvirt_env::{virsh_ok, TestDomain, URI};
+use libvirt_env::{our_clients, require_virt_admin, virsh_ok, wait_until, TestDomain, URI};
 /// How long to wait for something libvirt does in well under a second here. Only a
 /// deadline for declaring failure, never a measurement.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -328,60 +328,6 @@ fn running_domains_reads_usb_hostdevs_of_a_running_test_driver_domain() {
     assert_eq!(domains.len(), 1);
     assert_eq!(domains[0].name, "usbpass-test-lv-testdriver");
     assert_owned_and_foreign(&domains[0].hostdevs);
-}
-
-/// Client ids of this process's connections to libvirtd, from libvirtd's admin side.
-fn our_clients() -> Option<Vec<String>> {
-    let list = Command::new("virt-admin")
-        .args(["srv-clients-list", "libvirtd"])
-        .output()
-        .ok()?;
-    if !list.status.success() {
-        return None;
-    }
-    let pid = format!("unix_process_id: {}", std::process::id());
-    let mut ours = Vec::new();
-    for id in String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
-    {
-        let info = Command::new("virt-admin")
-            .args(["client-info", "libvirtd", id])
-            .output()
-            .ok()?;
-        let info = String::from_utf8_lossy(&info.stdout);
-        if info
-            .lines()
-            .any(|line| line.replace(' ', "") == pid.replace(' ', ""))
-        {
-            ours.push(id.to_string());
-        }
-    }
-    Some(ours)
-}
-
-fn require_virt_admin() -> bool {
-    if our_clients().is_some() {
-        return true;
-    }
-    let reason = "virt-admin cannot list libvirtd's clients";
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set: {reason}");
-    }
-    eprintln!("skipping: {reason}");
-    false
-}
-
-fn wait_until(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

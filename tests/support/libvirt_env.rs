@@ -1,14 +1,20 @@
 //! Shared helpers for tests against the real libvirtd (qemu:///system): virsh, starting
 //! libvirtd when it does not answer (failing under `CI`, skipping otherwise), and
 //! firmware-only test domains that are destroyed and undefined on drop whatever the
-//! test did. Included with `#[path = "support/libvirt_env.rs"] mod libvirt_env;`.
+//! test did; this process's client connections as libvirtd's admin side lists them,
+//! and a bounded wait. Included with `#[path = "support/libvirt_env.rs"] mod libvirt_env;`.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 pub const URI: &str = "qemu:///system";
+
+/// How long `wait_until` waits for something libvirt does in well under a second
+/// here: only a deadline for declaring failure, never a measurement.
+const WAIT_DEADLINE: Duration = Duration::from_secs(30);
 
 pub fn virsh(args: &[&str]) -> Output {
     Command::new("virsh")
@@ -120,5 +126,59 @@ impl TestDomain {
 impl Drop for TestDomain {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// Client ids of this process's connections to libvirtd, from libvirtd's admin side.
+pub fn our_clients() -> Option<Vec<String>> {
+    let list = Command::new("virt-admin")
+        .args(["srv-clients-list", "libvirtd"])
+        .output()
+        .ok()?;
+    if !list.status.success() {
+        return None;
+    }
+    let pid = format!("unix_process_id: {}", std::process::id());
+    let mut ours = Vec::new();
+    for id in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
+    {
+        let info = Command::new("virt-admin")
+            .args(["client-info", "libvirtd", id])
+            .output()
+            .ok()?;
+        let info = String::from_utf8_lossy(&info.stdout);
+        if info
+            .lines()
+            .any(|line| line.replace(' ', "") == pid.replace(' ', ""))
+        {
+            ours.push(id.to_string());
+        }
+    }
+    Some(ours)
+}
+
+pub fn require_virt_admin() -> bool {
+    if our_clients().is_some() {
+        return true;
+    }
+    let reason = "virt-admin cannot list libvirtd's clients";
+    if std::env::var_os("CI").is_some() {
+        panic!("CI is set: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
+pub fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT_DEADLINE;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {WAIT_DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
