@@ -6,63 +6,15 @@
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
 
-use libvirt_env::{TestDomain, URI};
+use libvirt_env::{wait_for_state, TestDomain, URI};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use usbpass::daemon::state::DaemonState;
 use usbpass::daemon::{Daemon, DaemonOptions};
 use usbpass::event::Event;
 use usbpass::hypervisor::libvirt::LibvirtConnector;
 use usbpass::hypervisor::FailureKind;
-use usbpass::model::UsbDevice;
 use usbpass::rules::Config;
+use usbpass::testing::devices::qemu_keyboard;
 use usbpass::testing::fake_hypervisor::FixedDevices;
-
-/// QEMU's emulated keyboard, as udev would describe it on a host that had one.
-fn keyboard() -> UsbDevice {
-    UsbDevice {
-        syspath: "/sys/devices/pci0000:00/0000:00:02.0/usb1/1-1".into(),
-        bus: 1,
-        devnum: 2,
-        vendor_id: 0x0627,
-        product_id: 0x0001,
-        serial: Some("42".into()),
-        port_path: "1-1".into(),
-        parent_hub: Some("usb1".into()),
-        device_class: 0,
-        interface_classes: Vec::new(),
-        manufacturer: Some("QEMU".into()),
-        product: Some("QEMU USB Keyboard".into()),
-        vendor_from_database: None,
-        model_from_database: None,
-        strings_pending: false,
-    }
-}
-
-fn wait_for_state(
-    path: &std::path::Path,
-    what: &str,
-    condition: impl Fn(&DaemonState) -> bool,
-) -> DaemonState {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(state) = DaemonState::read(path) {
-            if condition(&state) {
-                return state;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {state:#?}"
-            );
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: no state file"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn fallback_on_destroy_and_attach_errors_as_status_entries() {
@@ -86,7 +38,7 @@ fn fallback_on_destroy_and_attach_errors_as_status_entries() {
     let (sender, receiver) = usbpass::event::event_channel();
     let mut daemon = Daemon::new(
         LibvirtConnector,
-        FixedDevices(Arc::new(Mutex::new(vec![keyboard()]))),
+        FixedDevices(Arc::new(Mutex::new(vec![qemu_keyboard()]))),
         Config::load(&config_path).unwrap(),
         DaemonOptions {
             config_path,

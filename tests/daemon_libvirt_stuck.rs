@@ -10,7 +10,7 @@
 #[path = "support/libvirt_env.rs"]
 mod libvirt_env;
 
-use libvirt_env::TestDomain;
+use libvirt_env::{wait_for_state, TestDomain};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,13 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use usbpass::daemon::state::DaemonState;
 use usbpass::daemon::{Daemon, DaemonOptions};
 use usbpass::event::Event;
 use usbpass::hypervisor::libvirt::LibvirtConnector;
 use usbpass::hypervisor::FailureKind;
-use usbpass::model::UsbDevice;
 use usbpass::rules::Config;
+use usbpass::testing::devices::qemu_keyboard;
 use usbpass::testing::fake_hypervisor::FixedDevices;
 
 const LIBVIRT_SOCKET: &str = "/run/libvirt/libvirt-sock";
@@ -84,46 +83,6 @@ fn pump(mut from: UnixStream, mut to: UnixStream, paused: &AtomicBool) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// QEMU's emulated keyboard, as udev would describe it on a host that had one.
-fn keyboard() -> UsbDevice {
-    UsbDevice {
-        syspath: "/sys/devices/pci0000:00/0000:00:02.0/usb1/1-1".into(),
-        bus: 1,
-        devnum: 2,
-        vendor_id: 0x0627,
-        product_id: 0x0001,
-        serial: Some("42".into()),
-        port_path: "1-1".into(),
-        parent_hub: Some("usb1".into()),
-        device_class: 0,
-        interface_classes: Vec::new(),
-        manufacturer: Some("QEMU".into()),
-        product: Some("QEMU USB Keyboard".into()),
-        vendor_from_database: None,
-        model_from_database: None,
-        strings_pending: false,
-    }
-}
-
-fn wait_for_state(
-    path: &Path,
-    what: &str,
-    condition: impl Fn(&DaemonState) -> bool,
-) -> DaemonState {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let state = DaemonState::read(path).ok();
-        if let Some(state) = state.as_ref().filter(|state| condition(state)) {
-            return state.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {state:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_libvirtd_that_stops_answering_does_not_stop_the_loop_and_is_reconnected() {
     usbpass_require_libvirtd!();
@@ -147,7 +106,7 @@ fn a_libvirtd_that_stops_answering_does_not_stop_the_loop_and_is_reconnected() {
     let deadline = Duration::from_secs(1);
     let mut daemon = Daemon::new(
         LibvirtConnector,
-        FixedDevices(Arc::new(Mutex::new(vec![keyboard()]))),
+        FixedDevices(Arc::new(Mutex::new(vec![qemu_keyboard()]))),
         Config::load(&config_path).unwrap(),
         DaemonOptions {
             config_path: config_path.clone(),

@@ -182,3 +182,29 @@ pub fn wait_until(what: &str, condition: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The daemon's state file at `path`, once `condition` holds (at most 60 s).
+pub fn wait_for_state(
+    path: &std::path::Path,
+    what: &str,
+    condition: impl Fn(&usbpass::daemon::state::DaemonState) -> bool,
+) -> usbpass::daemon::state::DaemonState {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(state) = usbpass::daemon::state::DaemonState::read(path) {
+            if condition(&state) {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {state:#?}"
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: no state file"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
