@@ -170,7 +170,7 @@ pub struct Plan {
 
 /// The address and ID a hostdev points at: the live XML's `<address>` first (libvirt
 /// fills it in on attach), then the numbers in our own alias.
-fn hostdev_target(hostdev: &UsbHostdev) -> (Option<BusAddress>, Option<UsbId>) {
+pub fn hostdev_target(hostdev: &UsbHostdev) -> (Option<BusAddress>, Option<UsbId>) {
     let from_alias = hostdev.owned_alias().and_then(|alias| alias.target());
     let address = hostdev.address.or(from_alias.map(|(address, _)| address));
     let id = hostdev.id.or(from_alias.map(|(_, id)| id));

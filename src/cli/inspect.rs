@@ -255,6 +255,6 @@ pub fn status(config_path: &Path, state_path: &Path, json: bool) -> Result<ExitC
     })
 }
 
-fn process_alive(pid: u32) -> bool {
+pub(super) fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

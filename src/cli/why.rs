@@ -109,7 +109,7 @@ pub fn why(
     let state = DaemonState::read(state_path).ok();
     let daemon_running = state
         .as_ref()
-        .is_some_and(|state| Path::new(&format!("/proc/{}", state.pid)).exists());
+        .is_some_and(|state| super::inspect::process_alive(state.pid));
     let here = format!("at {}", device.address());
     let mut failures: Vec<Failure> = Vec::new();
     if let Some(state) = &state {

@@ -35,11 +35,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 let holder = self.live.domains().iter().find(|domain| {
                     domain.hostdevs.iter().any(|hostdev| {
                         hostdev.ownership() == Ownership::Rules
-                            && (hostdev.address == Some(address)
-                                || hostdev
-                                    .owned_alias()
-                                    .and_then(|alias| alias.target())
-                                    .is_some_and(|(target, _)| target == address))
+                            && reconcile::hostdev_target(hostdev).0 == Some(address)
                     })
                 });
                 let Some(holder) = holder else { return };
