@@ -111,6 +111,22 @@ impl Harness {
         self.settle();
     }
 
+    /// A plug of `device`, handled.
+    fn plug(&self, device: UsbDevice) {
+        self.send_and_settle(Event::DeviceAdded {
+            device,
+            received: Instant::now(),
+        });
+    }
+
+    /// The unplug of exactly this instance of `device`, handled.
+    fn unplug(&self, device: &UsbDevice) {
+        self.send_and_settle(Event::DeviceRemoved {
+            syspath: device.syspath.clone(),
+            address: Some(device.address()),
+        });
+    }
+
     /// Move the loop's clock on and wait until it has done what came due.
     fn advance(&self, by: Duration) {
         self.clock.advance(by);

@@ -25,20 +25,6 @@ fn firmware(devnum: u16) -> UsbDevice {
     device(1, devnum, 0x1209, 0x0001, "1-4")
 }
 
-fn plug(harness: &Harness, device: UsbDevice) {
-    harness.send_and_settle(Event::DeviceAdded {
-        device,
-        received: Instant::now(),
-    });
-}
-
-fn unplug(harness: &Harness, device: &UsbDevice) {
-    harness.send_and_settle(Event::DeviceRemoved {
-        syspath: device.syspath.clone(),
-        address: Some(device.address()),
-    });
-}
-
 #[test]
 fn a_device_that_comes_back_with_other_ids_within_the_window_follows_both_ways() {
     let harness = Harness::start(
@@ -51,9 +37,9 @@ fn a_device_that_comes_back_with_other_ids_within_the_window_follows_both_ways()
         ["ua-usbpass-1-5-0483-df11"]
     );
     // The board leaves its bootloader: gone, and back as its firmware 3 s later.
-    unplug(&harness, &board(5));
+    harness.unplug(&board(5));
     harness.advance(Duration::from_secs(3));
-    plug(&harness, firmware(6));
+    harness.plug(firmware(6));
     assert_eq!(
         harness.world.lock().aliases_in("lab"),
         ["ua-usbpass-1-6-1209-0001"]
@@ -61,9 +47,9 @@ fn a_device_that_comes_back_with_other_ids_within_the_window_follows_both_ways()
     let state = harness.state();
     assert_eq!(state.devices[0].rule.as_deref(), Some("board"));
     // And back into its bootloader: followed again.
-    unplug(&harness, &firmware(6));
+    harness.unplug(&firmware(6));
     harness.advance(Duration::from_secs(5));
-    plug(&harness, board(7));
+    harness.plug(board(7));
     assert_eq!(
         harness.world.lock().aliases_in("lab"),
         ["ua-usbpass-1-7-0483-df11"]
@@ -78,19 +64,19 @@ fn after_the_window_or_when_a_rule_claims_it_the_newcomer_does_not_follow() {
         FakeWorld::with_domains(&["lab", "win11"]),
         vec![board(5)],
     );
-    unplug(&harness, &board(5));
+    harness.unplug(&board(5));
     harness.advance(Duration::from_secs(16));
-    plug(&harness, firmware(6));
+    harness.plug(firmware(6));
     assert!(harness.world.lock().aliases_in("lab").is_empty());
     assert_eq!(harness.state().devices[0].rule, None);
-    unplug(&harness, &firmware(6));
+    harness.unplug(&firmware(6));
 
     // Within the window, but a rule names the newcomer: its rule decides.
-    plug(&harness, board(7));
-    unplug(&harness, &board(7));
+    harness.plug(board(7));
+    harness.unplug(&board(7));
     let mut stick = device(1, 8, 0x0781, 0x5581, "1-4");
     stick.port_path = "1-4".into();
-    plug(&harness, stick);
+    harness.plug(stick);
     assert_eq!(
         harness.world.lock().aliases_in("win11"),
         ["ua-usbpass-1-8-0781-5581"]
@@ -103,8 +89,8 @@ fn after_the_window_or_when_a_rule_claims_it_the_newcomer_does_not_follow() {
 fn a_rule_without_follow_leaves_the_port_alone() {
     let rules = FOLLOW_RULES.replace("follow = \"15s\"\n", "");
     let harness = Harness::start(&rules, FakeWorld::with_domains(&["lab"]), vec![board(5)]);
-    unplug(&harness, &board(5));
-    plug(&harness, firmware(6));
+    harness.unplug(&board(5));
+    harness.plug(firmware(6));
     assert!(harness.world.lock().aliases_in("lab").is_empty());
     harness.stop().unwrap();
 }

@@ -89,14 +89,8 @@ fn a_group_moves_at_once_cycles_goes_to_the_host_and_back_to_its_rules() {
     );
     assert!(harness.world.lock().aliases_in("win11").is_empty());
     // A replug keeps the choice.
-    harness.send_and_settle(Event::DeviceRemoved {
-        syspath: receiver(5).syspath,
-        address: Some(receiver(5).address()),
-    });
-    harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(6),
-        received: Instant::now(),
-    });
+    harness.unplug(&receiver(5));
+    harness.plug(receiver(6));
     assert!(harness.world.lock().aliases_in("win11").is_empty());
 
     let reply = answered(&switch(&harness, 4, "desk", SwitchTo::Rules));
