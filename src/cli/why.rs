@@ -5,8 +5,7 @@
 //! needs and this host lacks.
 
 use super::table::{printable, where_is};
-use super::{load_config_for_reading, present_devices, running_domains, CliError};
-use crate::cli::device_spec;
+use super::{load_config_for_reading, resolve_device, running_domains, CliError};
 use crate::daemon::state::{ActionFailure, DaemonState};
 use crate::host::select::{self, SourceKind};
 use crate::host::sysfs::SysfsUsb;
@@ -67,8 +66,7 @@ pub fn why(
 ) -> Result<ExitCode, CliError> {
     let config = load_config_for_reading(config_path)?;
     let source = select::choose(config.device_source, &config.uri);
-    let devices = present_devices(&config)?;
-    let device = device_spec::resolve(&device_spec::parse_device_spec(spec)?, &devices)?.clone();
+    let (device, devices) = resolve_device(&config, spec)?;
 
     let rules: Vec<RuleLine> = explain::explain(&config, &device)
         .into_iter()

@@ -2277,21 +2277,6 @@ def scenario_21(world, results):
     record_fault(results, 21, runs=1, devices_lost=0, duplicate_attaches=len(duplicates), stale_hostdevs=0, converge_s=round(cleaned, 2))
 
 
-def wait_last_plug_enumerated(world, plug):
-    """The port's device once it stops changing: right after a storm, sysfs can still
-    show an earlier plug whose unplug the test VM's kernel has not processed yet."""
-    previous = None
-    deadline = time.monotonic() + ENUMERATE_DEADLINE
-    while time.monotonic() < deadline:
-        world.usb.wait_enumerated(plug)
-        current = (plug.busnum, plug.devnum)
-        if current == previous:
-            return
-        previous = current
-        time.sleep(1.0)
-    raise Fail(f"the device at {plug.port_path} kept changing for {ENUMERATE_DEADLINE} s")
-
-
 def scenario_22(world, results):
     ensure_running(world.lv, GUEST1)
     world.daemon.start()
@@ -2299,11 +2284,16 @@ def scenario_22(world, results):
     plugs = run_schedule(world, storm_schedule(plugs=44, seed=22))
     last = plugs[-1]
     ended = time.monotonic()
-    wait_last_plug_enumerated(world, last)
-    world.wait_in_guest(GUEST1, last, since=ended, timeout=60)
-    converged = time.monotonic() - ended
-    # Stays so: exactly one hostdev, the last plug, for 3 s in a row.
-    settle(lambda: world.held_by(GUEST1, last) and len(world.usbpass_hostdevs(GUEST1)) == 1, 3, 60, "exactly the last plug in the guest")
+
+    # The device at the port now, read afresh each time: right after a storm the test
+    # VM's kernel may still show an earlier plug there for seconds (its unplug not yet
+    # processed), so the last plug is whichever device stays.
+    def last_plug_alone_in_guest():
+        world.usb.wait_enumerated(last)
+        return world.held_by(GUEST1, last) and len(world.usbpass_hostdevs(GUEST1)) == 1
+
+    began, _ = settle(last_plug_alone_in_guest, 3, 90, "the device at the port, and only it, in the guest")
+    converged = began - ended
     world.assert_exactly({GUEST1: [last]})
     lost, duplicates = fault_figures(world, offset, [])
     # Only the last plug stayed plugged: a detach of it is a device lost.
@@ -2314,7 +2304,7 @@ def scenario_22(world, results):
         raise Fail(f"daemon detached the last plug, which stayed plugged: {lost[0]}")
     if duplicates:
         raise Fail(f"daemon attached a device already attached: {duplicates[0]}")
-    say(f"usbpass: after a storm of {len(plugs)} plugs the last one in {GUEST1} {converged:.2f} s after its enumeration")
+    say(f"usbpass: after a storm of {len(plugs)} plugs the last one in {GUEST1} for good {converged:.2f} s after the storm ended")
     world.usb.unplug(last)
     world.assert_exactly({})
 
