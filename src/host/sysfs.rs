@@ -234,25 +234,38 @@ impl DeviceAttributes for SysfsDevice {
         parent_hub_of(&self.name)
     }
     fn interface_children(&self) -> Vec<InterfaceClass> {
-        let Ok(entries) = fs::read_dir(&self.folder) else {
-            return Vec::new();
-        };
-        let prefix = format!("{}:", self.name);
-        let mut names: Vec<_> = entries
-            .flatten()
-            .map(|entry| entry.file_name())
-            .filter(|name| name.as_bytes().starts_with(prefix.as_bytes()))
-            .collect();
-        // Interface names (`1-2:1.0`, `1-2:1.1`) sort in interface order.
-        names.sort();
-        names
-            .into_iter()
-            .filter_map(|name| {
-                let interface = self.folder.join(name);
-                interface_class_from(|attribute| read_attribute(&interface, attribute))
-            })
-            .collect()
+        interface_classes_in(&self.folder, &self.name)
     }
+}
+
+/// The class triples of the interfaces in a device's sysfs folder (`1-2:1.0`, ...), in
+/// interface order. Plain file reads: neither the folder listing nor these attributes
+/// wait for the device's lock, so the kernel's monitor may call this while the kernel
+/// is still configuring the device (libudev's enumerator reads `uevent` files, which
+/// can wait).
+pub(super) fn interface_classes_in(folder: &Path, name: &str) -> Vec<InterfaceClass> {
+    let Ok(entries) = fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    // A root hub `usb2` names its interface `2-0:1.0`.
+    let prefix = match name.strip_prefix("usb") {
+        Some(bus) => format!("{bus}-0:"),
+        None => format!("{name}:"),
+    };
+    let mut names: Vec<_> = entries
+        .flatten()
+        .map(|entry| entry.file_name())
+        .filter(|name| name.as_bytes().starts_with(prefix.as_bytes()))
+        .collect();
+    // Interface names (`1-2:1.0`, `1-2:1.1`) sort in interface order.
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let interface = folder.join(name);
+            interface_class_from(|attribute| read_attribute(&interface, attribute))
+        })
+        .collect()
 }
 
 /// One attribute file of a sysfs folder without the newline the kernel ends it with,
@@ -429,6 +442,38 @@ mod tests {
         let device = read_device(&folder).unwrap();
         assert_eq!(device.serial.as_deref(), Some("KBD 1 "));
         assert_eq!(device.product, None);
+    }
+
+    #[test]
+    fn interfaces_are_read_in_order_for_devices_and_root_hubs() {
+        let root = tempfile::tempdir().unwrap();
+        let write_interface = |folder: &Path, name: &str, class: &str| {
+            let interface = folder.join(name);
+            fs::create_dir_all(&interface).unwrap();
+            for (attribute, value) in [
+                ("bInterfaceClass", class),
+                ("bInterfaceSubClass", "00"),
+                ("bInterfaceProtocol", "00"),
+            ] {
+                fs::write(interface.join(attribute), format!("{value}\n")).unwrap();
+            }
+        };
+        let hub = root.path().join("usb2");
+        write_interface(&hub, "2-0:1.0", "09");
+        // A device behind it: its folder sits inside the hub's and must not count.
+        let device = hub.join("2-1");
+        write_interface(&device, "2-1:1.1", "0a");
+        write_interface(&device, "2-1:1.0", "02");
+        write_interface(&device, "2-1.4", "ff");
+        let classes = |folder: &Path, name: &str| -> Vec<u8> {
+            interface_classes_in(folder, name)
+                .iter()
+                .map(|interface| interface.class)
+                .collect()
+        };
+        assert_eq!(classes(&hub, "usb2"), vec![0x09]);
+        assert_eq!(classes(&device, "2-1"), vec![0x02, 0x0a]);
+        assert_eq!(classes(&root.path().join("gone"), "2-3"), Vec::<u8>::new());
     }
 
     #[test]

@@ -9,11 +9,12 @@
 
 use crate::event::{Event, EventSender};
 use crate::host::attributes::{
-    interface_class_from, lossy_text, parse_decimal_u16, usb_device_from_attributes,
-    usb_device_from_event, DeviceAttributes,
+    lossy_text, parse_decimal_u16, usb_device_from_attributes, usb_device_from_event,
+    DeviceAttributes,
 };
-use crate::host::sysfs::read_attribute;
+use crate::host::sysfs::{interface_classes_in, read_attribute};
 use crate::host::{DeviceSource, HostError};
+use crate::model::port::parent_hub_of;
 use crate::model::{BusAddress, InterfaceClass, UsbDevice};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -288,6 +289,9 @@ impl MonitorState {
 
     /// Turns one udev event into a daemon event. Errs only when the receiver is gone.
     fn handle(&mut self, event: &udev::Event) -> Result<(), ReceiverGone> {
+        // Decision times count from here, the event off the socket, so that they
+        // include reading the device.
+        let received = std::time::Instant::now();
         let syspath = event.syspath().to_string_lossy().into_owned();
         match event.event_type() {
             udev::EventType::Add | udev::EventType::Bind | udev::EventType::Change => {
@@ -300,10 +304,7 @@ impl MonitorState {
                         let address = device.address();
                         let syspath = device.syspath.clone();
                         self.known.insert(syspath.clone(), address);
-                        self.send(Event::DeviceAdded {
-                            device,
-                            received: std::time::Instant::now(),
-                        })?;
+                        self.send(Event::DeviceAdded { device, received })?;
                         // Only after the plug is announced: its strings must not reach
                         // the daemon before the plug they belong to.
                         if self.described.get(&syspath) != Some(&address) {
@@ -444,51 +445,17 @@ impl DeviceAttributes for udev::Device {
     fn attribute(&self, name: &str) -> Option<OsString> {
         self.attribute_value(name).map(OsStr::to_os_string)
     }
+    // Neither of these two goes through libudev: its parent and enumerator objects
+    // read `uevent` files, which can wait while the kernel configures the device (or
+    // its hub), and the monitor must pass each uevent on the moment it comes.
     fn parent_hub(&self) -> Option<String> {
-        match self.parent_with_subsystem_devtype("usb", "usb_device") {
-            Ok(Some(parent)) => Some(parent.sysname().to_string_lossy().into_owned()),
-            Ok(None) => None,
-            Err(error) => {
-                log::debug!(
-                    "cannot read the parent hub of {}: {error}",
-                    udev::Device::syspath(self).display()
-                );
-                None
-            }
-        }
+        parent_hub_of(&udev::Device::sysname(self).to_string_lossy())
     }
     fn interface_children(&self) -> Vec<InterfaceClass> {
-        let scan = || -> io::Result<Vec<InterfaceClass>> {
-            let mut enumerator = udev::Enumerator::new()?;
-            enumerator.match_parent(self)?;
-            enumerator.match_subsystem("usb")?;
-            let own_path = udev::Device::syspath(self);
-            let mut children: Vec<(OsString, InterfaceClass)> = enumerator
-                .scan_devices()?
-                // match_parent also yields the device itself and everything below its
-                // interfaces, hubs' children included: keep the direct interfaces.
-                .filter(|child| child.devtype() == Some(OsStr::new("usb_interface")))
-                .filter(|child| {
-                    child.syspath().parent().map(Path::as_os_str) == Some(own_path.as_os_str())
-                })
-                .filter_map(|child| {
-                    let class = interface_class_from(|name| {
-                        child.attribute_value(name).map(OsStr::to_os_string)
-                    })?;
-                    Some((child.sysname().to_os_string(), class))
-                })
-                .collect();
-            // Interface names (`1-2:1.0`, `1-2:1.1`) sort in interface order.
-            children.sort_by(|left, right| left.0.cmp(&right.0));
-            Ok(children.into_iter().map(|(_, class)| class).collect())
-        };
-        scan().unwrap_or_else(|error| {
-            log::debug!(
-                "cannot list the interfaces of {}: {error}",
-                udev::Device::syspath(self).display()
-            );
-            Vec::new()
-        })
+        interface_classes_in(
+            udev::Device::syspath(self),
+            &udev::Device::sysname(self).to_string_lossy(),
+        )
     }
 }
 

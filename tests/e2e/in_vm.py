@@ -1891,6 +1891,16 @@ def flap(world, tool, steps, threshold, domain=GUEST1):
             f"{len(missed)} of {out['long_enough']} plugs that stayed at least {threshold:.2f} s after the kernel's add "
             f"(one median attach call) were not in the guest before their unplug: plugs {[r['plug'] for r in missed]}"
         )
+    if tool.name == "usbpass":
+        # Where the time of a plug goes: the first attach call for the instance, begun
+        # and ended, after the kernel's add (from the decision lines, call_ms back).
+        for row, plug in zip(rows, plugs):
+            instance = plug.instance
+            calls = [a for a in actions if a["op"] == "attach" and instance is not None and a["addr"] == instance.addr]
+            if calls:
+                first = min(calls, key=lambda a: a["start"])
+                row["attach_call_began_s"] = round(first["start"] - instance.added, 3)
+                row["attach_call_ended_s"] = round(first["end"] - instance.added, 3)
     releases = sum(r.get("releases_while_present", 0) for r in rows)
     out["kernel_releases_while_present"] = releases
     if releases:
