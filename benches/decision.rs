@@ -108,7 +108,7 @@ fn main() {
         let sent = Instant::now();
         sender
             .send(Event::DeviceAdded {
-                device: device(devnum),
+                device: Box::new(device(devnum)),
                 received: sent,
             })
             .unwrap();

@@ -8,9 +8,11 @@ use std::time::Instant;
 
 /// How many events may wait for the loop. The loop never waits for libvirt, so it
 /// drains the queue as fast as events come; a source that finds it full waits (the
-/// kernel buffers what udev has not read), so what the daemon holds stays bounded
-/// whatever a device or a VM does.
-pub const EVENT_QUEUE_CAPACITY: usize = 4096;
+/// kernel buffers what the monitor has not read), so what the daemon holds stays
+/// bounded whatever a device or a VM does. The channel allocates and touches every
+/// slot up front, so slots times `size_of::<Event>()` is resident for the daemon's
+/// life: large payloads are boxed, and a storm of 40 plugs is a few hundred events.
+pub const EVENT_QUEUE_CAPACITY: usize = 1024;
 
 /// The sending end of the loop's one channel, held by every event source.
 pub type EventSender = SyncSender<Event>;
@@ -32,6 +34,17 @@ pub enum DomainChange {
     Other,
 }
 
+/// The strings of a plug announced without them (`DeviceAdded` with `strings_pending`),
+/// read once the kernel let go of the device. Only for the instance at `address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDescription {
+    pub syspath: String,
+    pub address: BusAddress,
+    pub serial: Option<String>,
+    pub manufacturer: Option<String>,
+    pub product: Option<String>,
+}
+
 /// Events are hints: each one only makes the loop reconcile again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -39,18 +52,11 @@ pub enum Event {
     /// `received` is when the monitor read it off its socket: decision times count from
     /// there, so that time spent queued behind other work is not hidden.
     DeviceAdded {
-        device: UsbDevice,
+        device: Box<UsbDevice>,
         received: Instant,
     },
-    /// The strings of a device that `DeviceAdded` announced with `strings_pending`, read
-    /// once the kernel let go of the device. Only for the instance at `address`.
-    DeviceDescribed {
-        syspath: String,
-        address: BusAddress,
-        serial: Option<String>,
-        manufacturer: Option<String>,
-        product: Option<String>,
-    },
+    /// The strings of a device that `DeviceAdded` announced with `strings_pending`.
+    DeviceDescribed(Box<DeviceDescription>),
     /// The kernel's `remove` of a `usb_device`. sysfs is gone by now; the event names
     /// the path and the instance that left (bus and device number, from its `BUSNUM`
     /// and `DEVNUM`). A removal removes only that instance: a newer plug on the same
@@ -73,7 +79,7 @@ pub enum Event {
     /// a listing), however late.
     CallFinished(Box<CallFinished>),
     /// `usbpass switch`, through the control socket: move a device group.
-    Control(ControlRequest),
+    Control(Box<ControlRequest>),
     /// A libvirt daemon's socket appeared: libvirtd (re)started, reconnect now.
     LibvirtSocketAppeared,
     /// The libvirt connection closed or broke.
@@ -89,4 +95,20 @@ pub enum Event {
         source: &'static str,
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The channel keeps `EVENT_QUEUE_CAPACITY` slots of this size resident: a plain
+    /// `UsbDevice` in a variant made it 248 bytes, a megabyte of an idle daemon.
+    #[test]
+    fn an_event_stays_small() {
+        assert!(
+            std::mem::size_of::<Event>() <= 64,
+            "Event is {} bytes: box the large variant",
+            std::mem::size_of::<Event>()
+        );
+    }
 }

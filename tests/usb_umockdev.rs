@@ -451,7 +451,7 @@ static EPOCH: std::sync::LazyLock<std::time::Instant> =
 
 fn added(device: UsbDevice) -> Event {
     Event::DeviceAdded {
-        device,
+        device: Box::new(device),
         received: *EPOCH,
     }
 }

@@ -162,7 +162,7 @@ fn serve(stream: UnixStream, id: u64, events: &EventSender) {
                 request,
                 reply: sender,
             };
-            if events.send(Event::Control(message)).is_err() {
+            if events.send(Event::Control(Box::new(message))).is_err() {
                 SwitchReply::refused(&group, "the daemon is stopping".to_string())
             } else {
                 receiver.recv_timeout(wait).unwrap_or_else(|_| {

@@ -37,7 +37,7 @@ use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{DaemonState, VmNotAnswering};
 use crate::daemon::status::{LoopView, Status};
-use crate::event::{DomainChange, Event, EventSender};
+use crate::event::{DeviceDescription, DomainChange, Event, EventSender};
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, FailureKind, HostdevSpec, HypervisorError, RunningDomains};
 use crate::model::alias::HostdevAlias;
@@ -290,7 +290,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                         device.strings_pending = false;
                     }
                 }
-                let previous = self.devices.insert(device.syspath.clone(), device);
+                let previous = self.devices.insert(device.syspath.clone(), *device);
                 // A new plug is due at once. More words about the same plug (the
                 // kernel's `change` and `bind` after `add`) leave a failed attach on
                 // its retry schedule: resetting it on each would call libvirt again
@@ -303,13 +303,14 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     }
                 }
             }
-            Event::DeviceDescribed {
-                syspath,
-                address,
-                serial,
-                manufacturer,
-                product,
-            } => {
+            Event::DeviceDescribed(description) => {
+                let DeviceDescription {
+                    syspath,
+                    address,
+                    serial,
+                    manufacturer,
+                    product,
+                } = *description;
                 if let Some(device) = self
                     .devices
                     .get_mut(&syspath)
@@ -374,7 +375,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 }
             }
             Event::CallFinished(finished) => self.call_finished(*finished),
-            Event::Control(request) => self.switch_requested(request),
+            Event::Control(request) => self.switch_requested(*request),
             Event::LibvirtSocketAppeared => self.connection.libvirt_came_back(self.clock.now()),
             Event::HypervisorDisconnected { reason } => {
                 log::warn!("libvirt connection lost: {reason}");

@@ -114,7 +114,7 @@ impl Harness {
     /// A plug of `device`, handled.
     fn plug(&self, device: UsbDevice) {
         self.send_and_settle(Event::DeviceAdded {
-            device,
+            device: Box::new(device),
             received: Instant::now(),
         });
     }
@@ -178,7 +178,7 @@ fn receiver(devnum: u16) -> UsbDevice {
 fn plug_attaches_once_and_unplug_detaches() {
     let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     assert_eq!(
@@ -187,7 +187,7 @@ fn plug_attaches_once_and_unplug_detaches() {
     );
     // More hints change nothing: the world already matches the rules.
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     assert_eq!(harness.world.lock().attaches().len(), 1);
@@ -215,7 +215,7 @@ fn replug_replaces_the_stale_hostdev() {
     // The kernel reuses the sysfs path (same port) with a new device number, and
     // the remove event was missed.
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(6),
+        device: Box::new(receiver(6)),
         received: Instant::now(),
     });
     assert_eq!(
@@ -339,7 +339,7 @@ fn a_lost_connection_is_reopened_and_state_healed() {
     assert_eq!(harness.next_wake(), Some(Duration::from_secs(1)));
     // While disconnected, a plug is remembered; it does not hurry the reconnect.
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     assert_eq!(harness.count(|c| *c == Call::Connect), 3);
@@ -365,7 +365,7 @@ fn libvirtds_socket_appearing_reconnects_at_once_instead_of_at_the_backoff() {
     // libvirtd is back: its socket appears, and the loop connects without waiting 8 s.
     harness.world.lock().refuse_connections = false;
     harness.send(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     harness.send_and_settle(Event::LibvirtSocketAppeared);
@@ -434,7 +434,7 @@ fn a_failing_listing_backs_off_instead_of_spinning() {
         .lock()
         .fail_every_call(Some(FailureKind::Other));
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     // Each failed listing drops the connection, and the next connect waits 0.5 s,

@@ -7,7 +7,7 @@
 //! every identity field the rules match on, so `rusb` would add a second view of the same
 //! facts plus the permission problems of opening `/dev/bus/usb` nodes.
 
-use crate::event::{Event, EventSender};
+use crate::event::{DeviceDescription, Event, EventSender};
 use crate::host::attributes::{
     lossy_text, parse_decimal_u16, usb_device_from_attributes, usb_device_from_event,
     DeviceAttributes,
@@ -304,7 +304,10 @@ impl MonitorState {
                         let address = device.address();
                         let syspath = device.syspath.clone();
                         self.known.insert(syspath.clone(), address);
-                        self.send(Event::DeviceAdded { device, received })?;
+                        self.send(Event::DeviceAdded {
+                            device: Box::new(device),
+                            received,
+                        })?;
                         // Only after the plug is announced: its strings must not reach
                         // the daemon before the plug they belong to.
                         if self.described.get(&syspath) != Some(&address) {
@@ -392,7 +395,7 @@ impl MonitorState {
         }
         for device in present {
             self.send(Event::DeviceAdded {
-                device,
+                device: Box::new(device),
                 received: std::time::Instant::now(),
             })?;
         }
@@ -489,13 +492,13 @@ fn describe(syspath: String, address: BusAddress) -> Option<Event> {
     if !still_there() {
         return None;
     }
-    Some(Event::DeviceDescribed {
+    Some(Event::DeviceDescribed(Box::new(DeviceDescription {
         syspath,
         address,
         serial,
         manufacturer,
         product,
-    })
+    })))
 }
 
 /// The bus and device number at a sysfs path now. These attributes never wait.

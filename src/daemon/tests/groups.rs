@@ -34,7 +34,7 @@ fn zigbee() -> UsbDevice {
 
 fn switch(harness: &Harness, id: u64, group: &str, to: SwitchTo) -> Receiver<SwitchReply> {
     let (reply, replies) = std::sync::mpsc::sync_channel(1);
-    harness.send_and_settle(Event::Control(ControlRequest {
+    harness.send_and_settle(Event::Control(Box::new(ControlRequest {
         id,
         request: SwitchRequest {
             group: group.to_string(),
@@ -42,7 +42,7 @@ fn switch(harness: &Harness, id: u64, group: &str, to: SwitchTo) -> Receiver<Swi
             timeout_ms: 30_000,
         },
         reply,
-    }));
+    })));
     replies
 }
 

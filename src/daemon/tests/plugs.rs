@@ -2,6 +2,7 @@
 //! and a plug announced before its strings are read.
 
 use super::*;
+use crate::event::DeviceDescription;
 
 #[test]
 fn a_late_removal_of_an_earlier_plug_leaves_the_present_one_alone() {
@@ -16,7 +17,7 @@ fn a_late_removal_of_an_earlier_plug_leaves_the_present_one_alone() {
         address: Some(receiver(5).address()),
     });
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(6),
+        device: Box::new(receiver(6)),
         received: Instant::now(),
     });
     assert_eq!(
@@ -43,7 +44,7 @@ fn a_plug_and_an_unplug_cost_one_call_each_and_no_listing() {
     let harness = Harness::start(RULES, FakeWorld::with_domains(&["win11"]), vec![]);
     let before = harness.world.lock().calls.len();
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     harness.send_and_settle(Event::DeviceRemoved {
@@ -89,7 +90,7 @@ fn a_device_someone_else_added_is_read_from_the_live_xml() {
     assert_eq!(harness.count(|call| *call == Call::ListDomains), lists + 1);
     // The plug finds the device taken and leaves it there.
     harness.send_and_settle(Event::DeviceAdded {
-        device: receiver(5),
+        device: Box::new(receiver(5)),
         received: Instant::now(),
     });
     assert!(harness.world.lock().attaches().is_empty());
@@ -184,17 +185,17 @@ vm = "win11"
     let mut stick = device(1, 9, 0x0403, 0x6001, "1-3");
     stick.strings_pending = true;
     harness.send_and_settle(Event::DeviceAdded {
-        device: stick.clone(),
+        device: Box::new(stick.clone()),
         received: Instant::now(),
     });
     assert!(harness.world.lock().attaches().is_empty());
-    harness.send_and_settle(Event::DeviceDescribed {
+    harness.send_and_settle(Event::DeviceDescribed(Box::new(DeviceDescription {
         syspath: stick.syspath.clone(),
         address: stick.address(),
         serial: Some("A".into()),
         manufacturer: None,
         product: None,
-    });
+    })));
     assert_eq!(
         harness.world.lock().aliases_in("win11"),
         ["ua-usbpass-1-9-0403-6001"]
@@ -203,7 +204,7 @@ vm = "win11"
     // strings read before still count, so nothing moves.
     let calls = harness.world.lock().calls.len();
     harness.send_and_settle(Event::DeviceAdded {
-        device: stick,
+        device: Box::new(stick),
         received: Instant::now(),
     });
     assert_eq!(harness.world.lock().calls.len(), calls);

@@ -29,7 +29,7 @@ fn keyboard() -> UsbDevice {
 
 fn plugged(device: UsbDevice) -> Event {
     Event::DeviceAdded {
-        device,
+        device: Box::new(device),
         received: Instant::now(),
     }
 }

@@ -334,7 +334,10 @@ fn handle_notices(
         let known = lock(known);
         for (name, received) in due {
             if let Some(device) = known.usb_device(&name) {
-                let _ = events.send(Event::DeviceAdded { device, received });
+                let _ = events.send(Event::DeviceAdded {
+                    device: Box::new(device),
+                    received,
+                });
             }
         }
     }
