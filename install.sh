@@ -35,6 +35,7 @@ fi
 
 cargo build --release --locked --bins
 install -D -m 0755 target/release/usbpass /usr/bin/usbpass
+install -D -m 0755 target/release/usbpassd /usr/bin/usbpassd
 install -D -m 0755 target/release/usbpass-qemu /usr/bin/usbpass-qemu
 install -d -m 0755 /usr/share/man/man1 /usr/share/bash-completion/completions \
     /usr/share/zsh/vendor-completions /usr/share/fish/vendor_completions.d
@@ -73,7 +74,7 @@ else
         sleep 1
     fi
     install -d -m 0755 /run/usbpass /var/log/usbpass
-    nohup /usr/bin/usbpass daemon >>/var/log/usbpass/daemon.log 2>&1 &
+    nohup /usr/bin/usbpassd >>/var/log/usbpass/daemon.log 2>&1 &
     echo $! > /run/usbpass/daemon.pid
     # The daemon writes its state file after its first reconcile.
     i=0

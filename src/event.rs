@@ -11,8 +11,9 @@ use std::time::Instant;
 /// kernel buffers what the monitor has not read), so what the daemon holds stays
 /// bounded whatever a device or a VM does. The channel allocates and touches every
 /// slot up front, so slots times `size_of::<Event>()` is resident for the daemon's
-/// life: large payloads are boxed, and a storm of 40 plugs is a few hundred events.
-pub const EVENT_QUEUE_CAPACITY: usize = 1024;
+/// life: large payloads are boxed, and the loop drains a storm of 40 plugs (about 200
+/// uevents) as they come.
+pub const EVENT_QUEUE_CAPACITY: usize = 256;
 
 /// The sending end of the loop's one channel, held by every event source.
 pub type EventSender = SyncSender<Event>;

@@ -18,6 +18,24 @@ use std::process::ExitCode;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+/// `usbpass daemon`: becomes `usbpassd` (same process, same pid), found beside this
+/// program, with the same rules and state files.
+pub fn exec_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
+    use std::os::unix::process::CommandExt;
+    let path = std::env::current_exe()
+        .ok()
+        .and_then(|program| program.parent().map(|folder| folder.join("usbpassd")))
+        .unwrap_or_else(|| std::path::PathBuf::from("/usr/bin/usbpassd"));
+    let source = std::process::Command::new(&path)
+        .arg("--config")
+        .arg(config_path)
+        .arg("--state")
+        .arg(state_path)
+        .exec();
+    Err(CliError::StartDaemon { path, source })
+}
+
+/// The daemon itself, as `usbpassd` runs it.
 pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, CliError> {
     // At start there are no previous rules to fall back on: a bad file is fatal.
     let config = Config::load(config_path)?;

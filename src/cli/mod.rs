@@ -3,6 +3,9 @@
 
 pub mod args;
 mod daemon;
+pub mod daemon_arguments;
+pub mod logging;
+pub use daemon::run_daemon;
 pub mod device_spec;
 mod generate;
 mod hotplug;
@@ -34,6 +37,12 @@ use std::process::ExitCode;
 /// own message; the rest name the device, the VM or the path.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("cannot start the daemon {}: {source} (usbpassd belongs beside usbpass)", path.display())]
+    StartDaemon {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     LoadRules(#[from] ConfigError),
     #[error(transparent)]
@@ -117,7 +126,7 @@ pub enum CliError {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let config = &cli.config;
     match cli.command {
-        Command::Daemon => daemon::run_daemon(config, &cli.state),
+        Command::Daemon => daemon::exec_daemon(config, &cli.state),
         Command::List { json } => inspect::list(config, &cli.state, json),
         Command::Rules { json } => inspect::rules(config, json),
         Command::Status { json } => inspect::status(config, &cli.state, json),
