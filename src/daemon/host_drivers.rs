@@ -9,7 +9,7 @@ use crate::host::interfaces::{InterfaceError, InterfaceGate};
 use crate::model::access::HostAccess;
 use crate::model::{BusAddress, UsbDevice};
 use crate::reconcile::host_access::HostAccessPlan;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub(super) struct HostDrivers {
     gate: Option<Box<dyn InterfaceGate>>,
@@ -21,6 +21,8 @@ pub(super) struct HostDrivers {
     /// or a device not yet handed back to the host.
     engaged: bool,
     warned_without_gate: bool,
+    /// Devices a VM that stopped held, until a plan has decided where they go.
+    released: BTreeSet<BusAddress>,
 }
 
 impl HostDrivers {
@@ -31,6 +33,7 @@ impl HostDrivers {
             hubs_off: false,
             engaged: false,
             warned_without_gate: false,
+            released: BTreeSet::new(),
         }
     }
 
@@ -41,6 +44,21 @@ impl HostDrivers {
     /// A word about this device: what its interfaces are may have changed.
     pub(super) fn forget(&mut self, address: BusAddress) {
         self.applied.remove(&address);
+    }
+
+    /// A VM that held these devices stopped: its QEMU let them go.
+    pub(super) fn released(&mut self, addresses: impl IntoIterator<Item = BusAddress>) {
+        self.released.extend(addresses);
+    }
+
+    /// What `released` noted, for `reconcile::host_access`.
+    pub(super) fn released_devices(&self) -> &BTreeSet<BusAddress> {
+        &self.released
+    }
+
+    /// A plan decided every device: the released ones too.
+    pub(super) fn planned(&mut self) {
+        self.released.clear();
     }
 
     /// Makes the hubs and each device's interfaces what `plan` says.

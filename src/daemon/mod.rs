@@ -365,6 +365,17 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => {
+                        // Its QEMU has given its devices back to the host: kept-off ones
+                        // are turned off at once, before any listing.
+                        let held: Vec<_> = self
+                            .live
+                            .domains()
+                            .iter()
+                            .filter(|view| view.name == domain)
+                            .flat_map(|view| &view.hostdevs)
+                            .filter_map(|hostdev| reconcile::hostdev_target(hostdev).0)
+                            .collect();
+                        self.host_drivers.released(held);
                         self.live.domain_stopped(&domain);
                         self.executor.forget_vm(&domain);
                     }
@@ -519,7 +530,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         if !self.round() {
             // What the VMs hold is not known: only the devices that do not depend on it.
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-            let access = host_access(&self.config, &devices, &self.facts, None);
+            let released = self.host_drivers.released_devices();
+            let access = host_access(&self.config, &devices, &self.facts, None, released);
             self.host_drivers.apply(&access, &devices);
         }
         self.answer_switches();
@@ -598,8 +610,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             .cloned()
             .collect();
         // Interfaces authorized before their attach, unauthorized before their detach.
-        let access = host_access(&self.config, &devices, &self.facts, Some(&plan));
+        let released = self.host_drivers.released_devices();
+        let access = host_access(&self.config, &devices, &self.facts, Some(&plan), released);
         self.host_drivers.apply(&access, &devices);
+        self.host_drivers.planned();
         self.status.saw(&domains, plan.placements);
         if due.is_empty() {
             if self.live.is_unverified() {

@@ -35,12 +35,15 @@ pub struct HostAccessPlan {
 /// Decides each device's access. `plan` is the round's plan (its placements and every
 /// action it wants, due or not), or `None` when the VMs' side is not known (libvirt
 /// unreachable, live XML being read): then only devices whose access does not depend on
-/// the VMs are decided.
+/// the VMs are decided, and the kept-off devices in `released`, which a VM that stopped
+/// held (its QEMU has let them go, so no VM holds them): off at once, without waiting
+/// for the listing that will tell where they go next.
 pub fn host_access(
     config: &Config,
     devices: &[UsbDevice],
     facts: &LoopFacts,
     plan: Option<&Plan>,
+    released: &BTreeSet<BusAddress>,
 ) -> HostAccessPlan {
     let hubs_default_off = config.keeps_any_off_host();
     let mut access = BTreeMap::new();
@@ -109,6 +112,9 @@ pub fn host_access(
             continue;
         }
         if plan.is_none() {
+            if released.contains(&address) {
+                access.insert(address, HostAccess::Off);
+            }
             continue;
         }
         let decided = if detaching.contains(&address) {
@@ -151,7 +157,7 @@ mod tests {
     fn decide(config: &Config, devices: &[UsbDevice], domains: &[DomainView]) -> HostAccessPlan {
         let facts = LoopFacts::default();
         let plan = plan_with(config, devices, domains, &facts);
-        host_access(config, devices, &facts, Some(&plan))
+        host_access(config, devices, &facts, Some(&plan), &BTreeSet::new())
     }
 
     fn running(name: &str, hostdevs: Vec<UsbHostdev>) -> DomainView {
@@ -206,7 +212,13 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::Detach { .. })));
-        let access = host_access(&config, std::slice::from_ref(&stick), &facts, Some(&plan));
+        let access = host_access(
+            &config,
+            std::slice::from_ref(&stick),
+            &facts,
+            Some(&plan),
+            &BTreeSet::new(),
+        );
         assert_eq!(access.devices[&stick.address()], HostAccess::Off);
     }
 
@@ -220,8 +232,20 @@ mod tests {
             &[stick.clone(), stray.clone()],
             &LoopFacts::default(),
             None,
+            &BTreeSet::new(),
         );
         assert!(!access.devices.contains_key(&stick.address()));
+        assert_eq!(access.devices[&stray.address()], HostAccess::Host);
+        // Its vm stopped: off at once, before the vms are read again.
+        let released = BTreeSet::from([stick.address(), stray.address()]);
+        let access = host_access(
+            &config,
+            &[stick.clone(), stray.clone()],
+            &LoopFacts::default(),
+            None,
+            &released,
+        );
+        assert_eq!(access.devices[&stick.address()], HostAccess::Off);
         assert_eq!(access.devices[&stray.address()], HostAccess::Host);
     }
 
@@ -259,7 +283,13 @@ mod tests {
             ..LoopFacts::default()
         };
         let plan = plan_with(&config, std::slice::from_ref(&stick), &[], &facts);
-        let access = host_access(&config, std::slice::from_ref(&stick), &facts, Some(&plan));
+        let access = host_access(
+            &config,
+            std::slice::from_ref(&stick),
+            &facts,
+            Some(&plan),
+            &BTreeSet::new(),
+        );
         assert_eq!(access.devices[&stick.address()], HostAccess::Host);
     }
 }

@@ -2546,6 +2546,19 @@ def scenario_26(world, results):
     # plugged at the same time, gets its block device as usual.
     world.daemon.start()
     world.lv.destroy(GUEST2)
+
+    def block_of(plug):
+        def check():
+            _, drivers, blocks = host_side(plug.port_path)
+            return blocks and (drivers, blocks)
+
+        return check
+
+    # The yardstick: the same unnamed stick's block device without keep_off_host.
+    baseline = world.usb.plug("stick", 6, serial="E2E-STICK-NONE")
+    wait_until(block_of(baseline), 30, f"a block device of {baseline} without keep_off_host")
+    baseline_s = time.monotonic() - baseline.added_at
+    world.usb.unplug(baseline)
     before = world.daemon.log_size()
     world.daemon.write_rules(RULES.replace("[[rule]]\nname = \"port-six\"", KEEP_OFF_RULE + "[[rule]]\nname = \"port-six\"", 1))
     watch = None
@@ -2557,13 +2570,9 @@ def scenario_26(world, results):
         stray = world.usb.plug("stick", 6, serial="E2E-STICK-NONE")
         world.usb.wait_enumerated(kept)
 
-        def stray_block():
-            _, drivers, blocks = host_side(stray.port_path)
-            return blocks and (drivers, blocks)
-
-        drivers, blocks = wait_until(stray_block, 30, f"a block device of the unnamed {stray} on the host")
+        drivers, blocks = wait_until(block_of(stray), 30, f"a block device of the unnamed {stray} on the host")
         stray_s = time.monotonic() - stray.added_at
-        say(f"usbpass: unnamed {stray} has host driver {drivers} and block device {blocks} {stray_s:.2f} s after its plug")
+        say(f"usbpass: unnamed {stray} has host driver {drivers} and block device {blocks} {stray_s:.2f} s after its plug ({baseline_s:.2f} s without keep_off_host)")
         # The kept stick had as long as the stray to be bound; give it 3 s more.
         time.sleep(3)
         authorized, drivers, blocks = host_side(kept.port_path)
@@ -2608,6 +2617,7 @@ def scenario_26(world, results):
             raise Fail(f"the unnamed {stray} lost its block device")
         results.data["keep_off_host"] = {
             "unnamed_stick_block_device_s": round(stray_s, 3),
+            "unnamed_stick_block_device_without_setting_s": round(baseline_s, 3),
             "kept_stick_in_vm_after_start_s": round(seconds, 3),
             "kept_stick_off_after_vm_stop_s": round(off_s, 3),
             "host_driver_window_after_vm_stop_ms": window_ms,

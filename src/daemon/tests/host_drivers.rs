@@ -190,3 +190,38 @@ fn a_failing_gate_is_tried_again_at_the_next_word_and_the_attach_still_goes() {
     );
     harness.stop().unwrap();
 }
+
+#[test]
+fn a_stopped_vms_device_is_turned_off_before_the_vms_are_read_again() {
+    let (harness, gate) =
+        Harness::start_gated(KEPT_OFF, FakeWorld::with_domains(&["lab"]), vec![stick(3)]);
+    harness.wait_until("the attach", |w| w.aliases_in("lab").len() == 1);
+    // libvirt's listing hangs: what the vms hold now is not known...
+    harness.world.lock().block_listing();
+    harness.send_and_settle(Event::Domain {
+        domain: "lab".into(),
+        change: DomainChange::Other,
+    });
+    assert_eq!(
+        gate.lock().unwrap().access[&stick(3).address()],
+        HostAccess::Vm
+    );
+    // ...but a vm that stopped gave its devices back: off at once.
+    harness.world.lock().stop_domain("lab");
+    harness.send_and_settle(Event::Domain {
+        domain: "lab".into(),
+        change: DomainChange::Stopped,
+    });
+    assert_eq!(harness.world.lock().parked(), 1, "the listing still hangs");
+    assert_eq!(
+        gate.lock().unwrap().access[&stick(3).address()],
+        HostAccess::Off
+    );
+    harness.world.release_listing();
+    harness.settle();
+    assert_eq!(
+        gate.lock().unwrap().access[&stick(3).address()],
+        HostAccess::Off
+    );
+    harness.stop().unwrap();
+}
