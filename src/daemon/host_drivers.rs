@@ -6,9 +6,12 @@
 //! nothing at all: devices behave exactly as without the setting.
 
 use crate::host::interfaces::{InterfaceError, InterfaceGate};
+use crate::hypervisor::DomainView;
 use crate::model::access::HostAccess;
 use crate::model::{BusAddress, UsbDevice};
-use crate::reconcile::host_access::HostAccessPlan;
+use crate::reconcile::host_access::{host_access, HostAccessPlan};
+use crate::reconcile::{self, LoopFacts, Plan};
+use crate::rules::Config;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub(super) struct HostDrivers {
@@ -46,23 +49,37 @@ impl HostDrivers {
         self.applied.remove(&address);
     }
 
-    /// A VM that held these devices stopped: its QEMU let them go.
-    pub(super) fn released(&mut self, addresses: impl IntoIterator<Item = BusAddress>) {
-        self.released.extend(addresses);
+    /// `domain` stopped: its QEMU has given the devices it held (`domains`, the copy of
+    /// the live XML before the stop) back to the host. Kept-off ones are turned off at
+    /// once, before any listing.
+    pub(super) fn vm_stopped(&mut self, domains: &[DomainView], domain: &str) {
+        let held = domains
+            .iter()
+            .filter(|view| view.name == domain)
+            .flat_map(|view| &view.hostdevs)
+            .filter_map(|hostdev| reconcile::hostdev_target(hostdev).0);
+        self.released.extend(held);
     }
 
-    /// What `released` noted, for `reconcile::host_access`.
-    pub(super) fn released_devices(&self) -> &BTreeSet<BusAddress> {
-        &self.released
-    }
-
-    /// A plan decided every device: the released ones too.
-    pub(super) fn planned(&mut self) {
-        self.released.clear();
+    /// Decides (`reconcile::host_access`) and applies, for the round's `plan`, or with
+    /// `None` when what the VMs hold is not known.
+    pub(super) fn apply_plan(
+        &mut self,
+        config: &Config,
+        devices: &[UsbDevice],
+        facts: &LoopFacts,
+        plan: Option<&Plan>,
+    ) {
+        let access = host_access(config, devices, facts, plan, &self.released);
+        self.apply(&access, devices);
+        if plan.is_some() {
+            // The plan decided every device, the released ones too.
+            self.released.clear();
+        }
     }
 
     /// Makes the hubs and each device's interfaces what `plan` says.
-    pub(super) fn apply<'a>(
+    fn apply<'a>(
         &mut self,
         plan: &HostAccessPlan,
         devices: impl IntoIterator<Item = &'a UsbDevice>,

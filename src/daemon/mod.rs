@@ -44,7 +44,6 @@ use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, FailureKind, HostdevSpec, HypervisorError, RunningDomains};
 use crate::model::alias::HostdevAlias;
 use crate::model::UsbDevice;
-use crate::reconcile::host_access::host_access;
 use crate::reconcile::{self, Action, LoopFacts};
 use crate::rules::{Config, ConfigError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -365,17 +364,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => {
-                        // Its QEMU has given its devices back to the host: kept-off ones
-                        // are turned off at once, before any listing.
-                        let held: Vec<_> = self
-                            .live
-                            .domains()
-                            .iter()
-                            .filter(|view| view.name == domain)
-                            .flat_map(|view| &view.hostdevs)
-                            .filter_map(|hostdev| reconcile::hostdev_target(hostdev).0)
-                            .collect();
-                        self.host_drivers.released(held);
+                        self.host_drivers.vm_stopped(self.live.domains(), &domain);
                         self.live.domain_stopped(&domain);
                         self.executor.forget_vm(&domain);
                     }
@@ -530,9 +519,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         if !self.round() {
             // What the VMs hold is not known: only the devices that do not depend on it.
             let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
-            let released = self.host_drivers.released_devices();
-            let access = host_access(&self.config, &devices, &self.facts, None, released);
-            self.host_drivers.apply(&access, &devices);
+            self.host_drivers
+                .apply_plan(&self.config, &devices, &self.facts, None);
         }
         self.answer_switches();
         self.write_state();
@@ -610,10 +598,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             .cloned()
             .collect();
         // Interfaces authorized before their attach, unauthorized before their detach.
-        let released = self.host_drivers.released_devices();
-        let access = host_access(&self.config, &devices, &self.facts, Some(&plan), released);
-        self.host_drivers.apply(&access, &devices);
-        self.host_drivers.planned();
+        self.host_drivers
+            .apply_plan(&self.config, &devices, &self.facts, Some(&plan));
         self.status.saw(&domains, plan.placements);
         if due.is_empty() {
             if self.live.is_unverified() {
