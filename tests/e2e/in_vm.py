@@ -2539,6 +2539,13 @@ class HostWatch:
         return [(t - since, drivers, blocks) for t, _, drivers, blocks in self.samples if t >= since and (drivers or blocks)]
 
 
+def usbpass_reset(world, device):
+    """`usbpass reset DEVICE` through the CLI: (exit code, stdout, stderr)."""
+    command = [world.daemon.binary, "--config", world.daemon.config, "--state", world.daemon.state, "reset", device]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    return done.returncode, done.stdout, done.stderr
+
+
 def scenario_26(world, results):
     # keep_off_host: a stick a keep-off rule sends to GUEST2 is plugged while GUEST2 is
     # off. No host driver binds it and no block device appears, while it waits, until it
@@ -2594,6 +2601,9 @@ def scenario_26(world, results):
         bound = watch.bound_since(kept.added_at)
         if bound:
             raise Fail(f"{kept} had a host driver or block device before or during its attach: {bound[:3]}")
+        code, out, err = usbpass_reset(world, kept.port_path)
+        if code == 0 or "attached to running vm" not in err:
+            raise Fail(f"usbpass reset of {kept} in {GUEST2} was not refused: exit {code}, {out.strip()} {err.strip()}")
 
         stopped = time.monotonic()
         world.lv.destroy(GUEST2)
@@ -2615,12 +2625,24 @@ def scenario_26(world, results):
         _, _, blocks = host_side(stray.port_path)
         if not blocks:
             raise Fail(f"the unnamed {stray} lost its block device")
+        # A port reset on the host (rusb) of the kept stick, now that no VM holds it: it
+        # stays without a host driver.
+        reset_at = time.monotonic()
+        code, out, err = usbpass_reset(world, kept.port_path)
+        if code != 0 or not out.startswith("reset 46f4:0001"):
+            raise Fail(f"usbpass reset {kept.port_path} failed: exit {code}, {out.strip()} {err.strip()}")
+        reset_s = time.monotonic() - reset_at
+        time.sleep(2)
+        if watch.bound_since(reset_at):
+            raise Fail(f"{kept} got a host driver after its reset: {watch.bound_since(reset_at)[:3]}")
+        say(f"usbpass: reset {kept.port_path} in {reset_s:.2f} s: {out.strip()}")
         results.data["keep_off_host"] = {
             "unnamed_stick_block_device_s": round(stray_s, 3),
             "unnamed_stick_block_device_without_setting_s": round(baseline_s, 3),
             "kept_stick_in_vm_after_start_s": round(seconds, 3),
             "kept_stick_off_after_vm_stop_s": round(off_s, 3),
             "host_driver_window_after_vm_stop_ms": window_ms,
+            "reset_s": round(reset_s, 3),
         }
         results.save()
         world.usb.unplug(kept)
