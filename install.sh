@@ -12,9 +12,9 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
-# Build: libvirt, libudev and pkg-config for the -sys crates, gcc for linking.
+# Build: libvirt, libudev, libusb and pkg-config for the -sys crates, gcc for linking.
 # Run: libvirt's daemon, QEMU driver and clients, QEMU itself, udev.
-packages="ca-certificates curl gcc libc6-dev pkg-config libvirt-dev libudev-dev
+packages="ca-certificates curl gcc libc6-dev pkg-config libvirt-dev libudev-dev libusb-1.0-0-dev
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 udev kmod"
 if [ -d /run/systemd/system ]; then
     # The systemd units for libvirtd/virtqemud, the libvirt-qemu user, polkit rules.

@@ -68,6 +68,7 @@ fn rules() -> Vec<Rule> {
                 reconnect: ReconnectMode::Id,
                 give_back: GiveBack::AtOnce,
                 follow_seconds: None,
+                keep_off_host: None,
                 line: index + 1,
             }
         })

@@ -426,5 +426,7 @@ pub fn reconcile(config: &Config, devices: &[UsbDevice], domains: &[DomainView])
     plan(config, devices, domains).actions
 }
 
+pub mod host_access;
+
 #[cfg(test)]
 mod tests;

@@ -100,6 +100,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reset DEVICE on the host (a USB port reset, the usual remedy for a wedged device).
+    /// Refused for a device a running VM holds, unless --force.
+    Reset {
+        device: String,
+        /// Reset it even when a running VM holds it (or libvirt cannot tell), or it is a
+        /// hub.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), or with --dir write one page per subcommand there.

@@ -6,6 +6,7 @@ use crate::daemon::lock::{remove_leftover_temporaries, DaemonLock};
 use crate::daemon::{control, notify, watch};
 use crate::daemon::{Daemon, DaemonOptions};
 use crate::event::{event_channel, Event, EventSender};
+use crate::host::interfaces::SysfsInterfaceGate;
 use crate::host::select::{self, SourceKind, SourceRefusal};
 use crate::host::udev as usb;
 use crate::host::{DeviceSource, HostError};
@@ -97,6 +98,7 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         state_path: state_path.to_path_buf(),
         watchdog: notify::watchdog_interval(),
     };
+    let local = matches!(devices, HostDevices::Udev(_));
     let mut daemon = Daemon::new(
         libvirt::LibvirtConnector,
         devices,
@@ -105,6 +107,11 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         sender,
         receiver,
     );
+    if local {
+        // `keep_off_host`: this machine's interface authorization. The node devices of
+        // a remote host have no such seam.
+        daemon = daemon.with_interface_gate(Box::new(SysfsInterfaceGate::new("/sys")));
+    }
     daemon.run()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,10 +3,14 @@
 
 use super::table::where_is;
 use super::{connect, load_config_for_reading, resolve_device, CliError};
+use crate::host::interfaces::{InterfaceGate, SysfsInterfaceGate};
+use crate::host::select::{self, SourceKind};
 use crate::hypervisor::{HostdevSpec, Hypervisor};
+use crate::model::access::HostAccess;
 use crate::model::alias::{HostdevAlias, Ownership, ALIAS_PREFIX};
 use crate::model::UsbDevice;
 use crate::reconcile;
+use crate::rules::{Config, RuleChoice};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -26,6 +30,22 @@ fn report(json: bool, done: &[Done], text: impl FnOnce()) -> Result<(), CliError
         text();
     }
     Ok(())
+}
+
+/// `keep_off_host`: a device whose rule keeps it off the host gets its interfaces
+/// authorized for QEMU before a hand-made attach (the daemon would, but only once it
+/// hears of the hostdev) and unauthorized before a detach, as the daemon does.
+fn set_access(config: &Config, device: &UsbDevice, access: HostAccess) {
+    let kept_off = match config.decide(device) {
+        RuleChoice::Rule(rule) => config.keeps_off_host(rule),
+        _ => false,
+    };
+    if !kept_off || select::choose(config.device_source, &config.uri) != SourceKind::Udev {
+        return;
+    }
+    if let Err(error) = SysfsInterfaceGate::new("/sys").apply(device, access) {
+        eprintln!("usbpass: warning: {error}");
+    }
 }
 
 pub fn attach(config_path: &Path, spec: &str, vm: &str, json: bool) -> Result<ExitCode, CliError> {
@@ -58,6 +78,7 @@ pub fn attach(config_path: &Path, spec: &str, vm: &str, json: bool) -> Result<Ex
         }
     }
     let alias = HostdevAlias::for_manual(&device);
+    set_access(&config, &device, HostAccess::Vm);
     hypervisor.attach(vm, &HostdevSpec::new(&device, alias.clone()))?;
     let done = [Done {
         action: "attach",
@@ -147,6 +168,7 @@ pub fn detach(config_path: &Path, spec: &str, json: bool) -> Result<ExitCode, Cl
             );
             continue;
         };
+        set_access(&config, &device, HostAccess::Off);
         hypervisor.detach(&holder.domain, &owned)?;
         if !json {
             println!("detached {device} from vm {} ({alias})", holder.domain);

@@ -10,6 +10,7 @@ pub mod device_spec;
 mod generate;
 mod hotplug;
 mod inspect;
+mod reset;
 mod rules_file;
 mod switch;
 mod table;
@@ -98,6 +99,19 @@ pub enum CliError {
         vm: String,
         hostdev: String,
     },
+    #[error(transparent)]
+    ResetDevice(#[from] crate::host::usbfs::ResetError),
+    #[error("device {device} is attached to running vm {vm}: a reset on the host pulls it from under the guest's driver; detach it first, or pass --force")]
+    ResetHeldDevice { device: Box<UsbDevice>, vm: String },
+    #[error("cannot tell whether a running vm holds device {device}: {message}; pass --force to reset it anyway")]
+    ResetWithoutVms {
+        device: Box<UsbDevice>,
+        message: String,
+    },
+    #[error("device {device} is a hub: a reset re-enumerates every device behind it; pass --force to reset it anyway")]
+    ResetHub { device: Box<UsbDevice> },
+    #[error("usbpass reset works on this machine's usb devices, and {uri} reads another host's")]
+    ResetRemoteDevice { uri: String },
     #[error("cannot create directory {}: {source}", dir.display())]
     CreateManDirectory {
         dir: PathBuf,
@@ -143,6 +157,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Unassign { target } => rules_file::unassign(config, &target),
         Command::Attach { device, vm, json } => hotplug::attach(config, &device, &vm, json),
         Command::Detach { device, json } => hotplug::detach(config, &device, json),
+        Command::Reset {
+            device,
+            force,
+            json,
+        } => reset::reset(config, &device, force, json),
         Command::Completions { shell } => generate::completions(shell),
         Command::Man { dir } => generate::man(dir),
         Command::UdevRules { group, owner } => generate::udev_rules(config, group, owner),

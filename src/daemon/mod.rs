@@ -16,6 +16,7 @@ mod definitions;
 pub mod executor;
 mod follow;
 pub mod groups;
+mod host_drivers;
 mod in_flight;
 mod live_domains;
 pub mod lock;
@@ -38,6 +39,7 @@ use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{DaemonState, VmNotAnswering};
 use crate::daemon::status::{LoopView, Status};
 use crate::event::{DeviceDescription, DomainChange, Event, EventSender};
+use crate::host::interfaces::InterfaceGate;
 use crate::host::{DeviceSource, HostError};
 use crate::hypervisor::{Connector, FailureKind, HostdevSpec, HypervisorError, RunningDomains};
 use crate::model::alias::HostdevAlias;
@@ -101,6 +103,8 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     departures: BTreeMap<String, follow::Departure>,
     /// `usbpass switch` requests waiting for their devices (see `groups`).
     pending_switches: Vec<groups::PendingSwitch>,
+    /// `keep_off_host`: the host's drivers kept off devices bound for a VM.
+    host_drivers: host_drivers::HostDrivers,
     timing: DecisionTiming,
     watchdog: Watchdog,
     status: Status,
@@ -175,6 +179,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             },
             departures: BTreeMap::new(),
             pending_switches: Vec::new(),
+            host_drivers: host_drivers::HostDrivers::new(),
             timing: DecisionTiming::new(),
             watchdog,
             status: Status::new(),
@@ -193,6 +198,14 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         self
     }
 
+    /// Keeps host drivers off the devices of `keep_off_host` rules through `gate`.
+    /// Without one (devices from libvirt's node devices), the setting is warned about
+    /// and has no effect.
+    pub fn with_interface_gate(mut self, gate: Box<dyn InterfaceGate>) -> Self {
+        self.host_drivers.set_gate(gate);
+        self
+    }
+
     /// The executor's count of calls issued and answered, for tests that wait for the
     /// loop to have heard back from every call that can answer.
     pub fn call_counts(&self) -> Arc<CallCounts> {
@@ -200,7 +213,14 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     }
 
     /// Runs until `Event::Terminate`. Errors only when it can no longer see devices.
+    /// On the way out, root hubs get their default interface authorization back.
     pub fn run(&mut self) -> Result<(), DaemonError> {
+        let result = self.run_loop();
+        self.host_drivers.restore();
+        result
+    }
+
+    fn run_loop(&mut self) -> Result<(), DaemonError> {
         self.rescan_devices()?;
         self.converge();
         notify::ready(&self.status_line());
@@ -290,6 +310,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                         device.strings_pending = false;
                     }
                 }
+                self.host_drivers.forget(address);
                 let previous = self.devices.insert(device.syspath.clone(), *device);
                 // A new plug is due at once. More words about the same plug (the
                 // kernel's `change` and `bind` after `add`) leave a failed attach on
@@ -329,6 +350,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 if self.devices.get(&syspath).is_some_and(named) {
                     if let Some(device) = self.devices.remove(&syspath) {
                         self.retries.forget_device(device.address());
+                        self.host_drivers.forget(device.address());
                         self.note_departure(&device);
                     }
                 } else {
@@ -343,6 +365,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 match change {
                     DomainChange::Started => self.live.domain_started(&domain),
                     DomainChange::Stopped => {
+                        self.host_drivers.vm_stopped(self.live.domains(), &domain);
                         self.live.domain_stopped(&domain);
                         self.executor.forget_vm(&domain);
                     }
@@ -494,12 +517,18 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     fn converge(&mut self) {
         self.converged_at = Some(self.clock.now());
         self.expire_calls();
-        self.round();
+        if !self.round() {
+            // What the VMs hold is not known: only the devices that do not depend on it.
+            let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
+            self.host_drivers
+                .apply_plan(&self.config, &devices, &self.facts, None);
+        }
         self.answer_switches();
         self.write_state();
     }
 
-    fn round(&mut self) {
+    /// Returns whether it planned (and so applied `keep_off_host`'s decision).
+    fn round(&mut self) -> bool {
         let now = self.clock.now();
         // A connect runs on the executor: its answer is the next wake.
         if self
@@ -507,7 +536,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             .ensure_connected(&self.config.uri, now, &mut self.executor)
             != Link::Up
         {
-            return;
+            return false;
         }
         if std::mem::take(&mut self.definitions_unchecked) {
             if let Some(hypervisor) = self.connection.hypervisor() {
@@ -519,7 +548,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         }
         if self.live.is_stale() {
             self.start_listing();
-            return;
+            return false;
         }
         let mut domains = self.live.domains().to_vec();
         if self.pending_detaches.hide(&mut domains, now) {
@@ -527,7 +556,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             // fresh read tells.
             self.live.invalidate();
             self.start_listing();
-            return;
+            return false;
         }
         self.adopt_followers();
         let devices: Vec<UsbDevice> = self.devices.values().cloned().collect();
@@ -569,6 +598,9 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             })
             .cloned()
             .collect();
+        // Interfaces authorized before their attach, unauthorized before their detach.
+        self.host_drivers
+            .apply_plan(&self.config, &devices, &self.facts, Some(&plan));
         self.status.saw(&domains, plan.placements);
         if due.is_empty() {
             if self.live.is_unverified() {
@@ -581,10 +613,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             } else {
                 self.connection.round_completed();
             }
-            return;
+            return true;
         }
         let Some(hypervisor) = self.connection.hypervisor() else {
-            return;
+            return true;
         };
         for action in due {
             let cause = self.timing.cause(&action);
@@ -604,6 +636,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 self.call_deadline,
             );
         }
+        true
     }
 
     fn loop_view(&self) -> LoopView<'_> {

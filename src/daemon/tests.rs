@@ -34,6 +34,19 @@ impl Harness {
         Harness::start_with(rules, world, present, None)
     }
 
+    /// `start`, with a recording `InterfaceGate` whose log it returns.
+    fn start_gated(
+        rules: &str,
+        world: FakeWorld,
+        present: Vec<UsbDevice>,
+    ) -> (Harness, Arc<Mutex<crate::testing::fake_gate::GateLog>>) {
+        let world = SharedWorld::new(world);
+        let gate = crate::testing::fake_gate::RecordingGate::new(Some(world.clone()));
+        let log = gate.log.clone();
+        let harness = Harness::start_shared(rules, world, present, None, Some(Box::new(gate)));
+        (harness, log)
+    }
+
     /// `start`, with systemd's watchdog asking for a ping every `watchdog`.
     fn start_with(
         rules: &str,
@@ -41,11 +54,20 @@ impl Harness {
         present: Vec<UsbDevice>,
         watchdog: Option<Duration>,
     ) -> Harness {
+        Harness::start_shared(rules, SharedWorld::new(world), present, watchdog, None)
+    }
+
+    fn start_shared(
+        rules: &str,
+        world: SharedWorld,
+        present: Vec<UsbDevice>,
+        watchdog: Option<Duration>,
+        gate: Option<Box<dyn crate::host::interfaces::InterfaceGate>>,
+    ) -> Harness {
         let directory = tempfile::tempdir().unwrap();
         let config_path = directory.path().join("usbpass.toml");
         std::fs::write(&config_path, rules).unwrap();
         let config = Config::load(&config_path).unwrap();
-        let world = SharedWorld::new(world);
         let present = Arc::new(Mutex::new(present));
         let (sender, receiver) = crate::event::event_channel();
         let options = DaemonOptions {
@@ -65,6 +87,9 @@ impl Harness {
             receiver,
             clock.clone(),
         );
+        if let Some(gate) = gate {
+            daemon = daemon.with_interface_gate(gate);
+        }
         let calls = daemon.call_counts();
         let thread = Some(std::thread::spawn(move || daemon.run()));
         let harness = Harness {
@@ -593,6 +618,7 @@ fn sighup_rescans_devices_and_heals_missed_events() {
 
 mod follow;
 mod groups;
+mod host_drivers;
 mod plugs;
 mod rules_file;
 mod stuck;

@@ -3,12 +3,16 @@
 //! `hypervisor::libvirt::node_device_source`, for the host a remote uri reaches), the
 //! choice between the two (`select`), and the two readers, udev (`udev`, for the daemon
 //! and the CLI) and sysfs (`sysfs`, for the wrapper), which turn a device into a
-//! `UsbDevice` through one conversion (`attributes`).
+//! `UsbDevice` through one conversion (`attributes`). For `keep_off_host`, the
+//! `InterfaceGate` seam to the kernel's interface authorization (`interfaces`); for
+//! `usbpass reset`, usbfs through libusb (`usbfs`).
 
 mod attributes;
+pub mod interfaces;
 pub mod select;
 pub mod sysfs;
 pub mod udev;
+pub mod usbfs;
 
 use crate::model::UsbDevice;
 use crate::rules::Config;

@@ -1,6 +1,7 @@
 //! The host's view of one USB device: the identity that rules match on and that
 //! hostdevs point at.
 
+pub mod access;
 pub mod alias;
 pub mod port;
 mod wire;

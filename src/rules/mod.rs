@@ -196,6 +196,11 @@ pub struct Rule {
     /// unless a rule claims it (a board in its bootloader, a phone switching modes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow_seconds: Option<u32>,
+    /// `keep_off_host = true` or `false`: whether the host's own drivers stay off the
+    /// interfaces of a device this rule sends to a VM (see `Config::keeps_off_host`).
+    /// `None` follows the file's top-level `keep_off_host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_off_host: Option<bool>,
     /// 1-based line of the rule's table in the file, for messages.
     pub line: usize,
 }
@@ -272,6 +277,8 @@ pub struct Config {
     pub path: PathBuf,
     pub uri: String,
     pub device_source: DeviceSourceSetting,
+    /// The top-level `keep_off_host`: the default of every rule that does not say.
+    pub keep_off_host: bool,
     pub rules: Vec<Rule>,
 }
 
@@ -313,6 +320,18 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Whether the host's drivers stay off the interfaces of the devices `rule` sends to
+    /// a VM: the rule's own `keep_off_host`, else the file's.
+    pub fn keeps_off_host(&self, rule: &Rule) -> bool {
+        rule.keep_off_host.unwrap_or(self.keep_off_host)
+    }
+
+    /// Whether any rule keeps the host's drivers off its devices: only then does the
+    /// daemon touch the kernel's interface authorization at all.
+    pub fn keeps_any_off_host(&self) -> bool {
+        self.rules.iter().any(|rule| self.keeps_off_host(rule))
+    }
+
     /// The first rule that matches, as in USBGuard: order in the file is priority.
     pub fn first_match(&self, device: &UsbDevice) -> Option<&Rule> {
         self.rules.iter().find(|rule| rule.matches(device))
@@ -342,6 +361,7 @@ impl Config {
             path: PathBuf::from("<memory>"),
             uri: DEFAULT_URI.to_string(),
             device_source: DeviceSourceSetting::Auto,
+            keep_off_host: false,
             rules,
         }
     }

@@ -172,6 +172,7 @@ impl Config {
                 reconnect,
                 give_back,
                 follow_seconds,
+                keep_off_host: raw_rule.keep_off_host,
                 line: line_and_column(text, rule_span.start).0,
             });
         }
@@ -179,6 +180,7 @@ impl Config {
             path: path.to_path_buf(),
             uri,
             device_source,
+            keep_off_host: raw.keep_off_host.unwrap_or(false),
             rules,
         })
     }
@@ -358,6 +360,7 @@ pub fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 struct RawConfig {
     uri: Option<Spanned<String>>,
     device_source: Option<Spanned<String>>,
+    keep_off_host: Option<bool>,
     #[serde(default, rename = "rule")]
     rules: Vec<Spanned<RawRule>>,
 }
@@ -379,6 +382,7 @@ struct RawRule {
     give_back: Option<Spanned<String>>,
     follow: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    keep_off_host: Option<bool>,
 }
 
 /// `vm = "a"` or `vm = ["a", "b"]`.
@@ -537,5 +541,31 @@ reconnect = "port"
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn keep_off_host_per_rule_overrides_the_file() {
+        let config = parse(
+            "keep_off_host = true\n\
+             [[rule]]\nname = \"a\"\nid = \"1:1\"\nvm = \"v\"\n\
+             [[rule]]\nname = \"b\"\nid = \"1:2\"\nvm = \"v\"\nkeep_off_host = false\n",
+        )
+        .unwrap();
+        assert!(config.keeps_off_host(&config.rules[0]));
+        assert!(!config.keeps_off_host(&config.rules[1]));
+        assert!(config.keeps_any_off_host());
+
+        let config = parse(
+            "[[rule]]\nname = \"a\"\nid = \"1:1\"\nvm = \"v\"\n\
+             [[rule]]\nname = \"b\"\nid = \"1:2\"\nvm = \"v\"\nkeep_off_host = true\n",
+        )
+        .unwrap();
+        assert!(!config.keeps_off_host(&config.rules[0]));
+        assert!(config.keeps_off_host(&config.rules[1]));
+        assert!(!parse("[[rule]]\nname = \"a\"\nid = \"1:1\"\nvm = \"v\"\n")
+            .unwrap()
+            .keeps_any_off_host());
+        let error = parse("keep_off_host = \"yes\"\n").unwrap_err().to_string();
+        assert!(error.starts_with("test.toml:1:17:"), "{error}");
     }
 }

@@ -3,4 +3,5 @@
 //! shipped binaries.
 
 pub mod devices;
+pub mod fake_gate;
 pub mod fake_hypervisor;

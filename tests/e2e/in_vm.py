@@ -2475,6 +2475,197 @@ def scenario_25(world, results):
         world.daemon.write_rules(RULES)
 
 
+KEEP_OFF_RULE = f"""[[rule]]
+name = "kept-stick"
+serial = "E2E-STICK-KEEP"
+vm = "{GUEST2}"
+keep_off_host = true
+
+"""
+
+
+def interface_paths(port_path):
+    """The sysfs folders of the interfaces of the device at `port_path` (`2-5:1.0`...)."""
+    base = f"/sys/bus/usb/devices/{port_path}"
+    try:
+        return [f"{base}/{name}" for name in sorted(os.listdir(base)) if name.startswith(f"{port_path}:")]
+    except FileNotFoundError:
+        return []
+
+
+def host_side(port_path):
+    """What the host has of the device at `port_path`: its interfaces' authorized flags,
+    the drivers bound to them (usbfs is QEMU's claim, not a host driver) and its block
+    devices."""
+    authorized, drivers, blocks = [], [], []
+    for interface in interface_paths(port_path):
+        try:
+            with open(f"{interface}/authorized") as file:
+                authorized.append(file.read().strip())
+        except OSError:
+            continue
+        try:
+            drivers.append(os.path.basename(os.readlink(f"{interface}/driver")))
+        except OSError:
+            pass
+        for root, folders, _ in os.walk(interface):
+            if os.path.basename(root) == "block":
+                blocks.extend(folders)
+    return authorized, [d for d in drivers if d != "usbfs"], blocks
+
+
+def hub_defaults():
+    values = {}
+    for name in os.listdir("/sys/bus/usb/devices"):
+        if re.fullmatch(r"usb\d+", name):
+            with open(f"/sys/bus/usb/devices/{name}/interface_authorized_default") as file:
+                values[name] = file.read().strip()
+    return values
+
+
+class HostWatch:
+    """Samples one port's host side every 10 ms on a thread of its own, so that a driver
+    bound for a moment between two checks of the scenario is still seen."""
+
+    def __init__(self, port_path):
+        self.port_path = port_path
+        self.samples = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            authorized, drivers, blocks = host_side(self.port_path)
+            self.samples.append((time.monotonic(), authorized, drivers, blocks))
+            time.sleep(0.01)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def bound_since(self, since):
+        """Samples after `since` with a host driver or a block device."""
+        return [(t - since, drivers, blocks) for t, _, drivers, blocks in self.samples if t >= since and (drivers or blocks)]
+
+
+def usbpass_reset(world, device):
+    """`usbpass reset DEVICE` through the CLI: (exit code, stdout, stderr)."""
+    command = [world.daemon.binary, "--config", world.daemon.config, "--state", world.daemon.state, "reset", device]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+    return done.returncode, done.stdout, done.stderr
+
+
+def scenario_26(world, results):
+    # keep_off_host: a stick a keep-off rule sends to GUEST2 is plugged while GUEST2 is
+    # off. No host driver binds it and no block device appears, while it waits, until it
+    # is in GUEST2 when GUEST2 starts, and after GUEST2 stops. A stick no rule names,
+    # plugged at the same time, gets its block device as usual.
+    world.daemon.start()
+    world.lv.destroy(GUEST2)
+
+    def block_of(plug):
+        def check():
+            _, drivers, blocks = host_side(plug.port_path)
+            return blocks and (drivers, blocks)
+
+        return check
+
+    # The yardstick: the same unnamed stick's block device without keep_off_host.
+    baseline = world.usb.plug("stick", 6, serial="E2E-STICK-NONE")
+    wait_until(block_of(baseline), 30, f"a block device of {baseline} without keep_off_host")
+    baseline_s = time.monotonic() - baseline.added_at
+    world.usb.unplug(baseline)
+    before = world.daemon.log_size()
+    world.daemon.write_rules(RULES.replace("[[rule]]\nname = \"port-six\"", KEEP_OFF_RULE + "[[rule]]\nname = \"port-six\"", 1))
+    watch = None
+    try:
+        wait_until(lambda: "rules reloaded" in world.daemon.log_since(before), 20, "the keep-off rules applied", interval=0.1)
+        wait_until(lambda: set(hub_defaults().values()) == {"0"}, 10, "interface_authorized_default 0 on every root hub")
+        kept = world.usb.plug("stick", 5, serial="E2E-STICK-KEEP", wait=False)
+        watch = HostWatch(kept.port_path)
+        stray = world.usb.plug("stick", 6, serial="E2E-STICK-NONE")
+        world.usb.wait_enumerated(kept)
+
+        drivers, blocks = wait_until(block_of(stray), 30, f"a block device of the unnamed {stray} on the host")
+        stray_s = time.monotonic() - stray.added_at
+        say(f"usbpass: unnamed {stray} has host driver {drivers} and block device {blocks} {stray_s:.2f} s after its plug ({baseline_s:.2f} s without keep_off_host)")
+        # The kept stick had as long as the stray to be bound; give it 3 s more.
+        time.sleep(3)
+        authorized, drivers, blocks = host_side(kept.port_path)
+        if not authorized:
+            raise Fail(f"{kept} has no interfaces in sysfs")
+        if set(authorized) != {"0"}:
+            raise Fail(f"{kept} waits with interfaces authorized {authorized}")
+        bound = watch.bound_since(kept.added_at)
+        if bound:
+            raise Fail(f"{kept} had a host driver or block device while its vm was off: {bound[:3]}")
+
+        started = time.monotonic()
+        start_domain(world.lv, GUEST2)
+        seconds = world.wait_in_guest(GUEST2, kept, since=started, timeout=60)
+        say(f"usbpass: kept-off {kept} in {GUEST2} {seconds:.2f} s after its start")
+        authorized, drivers, blocks = host_side(kept.port_path)
+        if set(authorized) != {"1"} or drivers or blocks:
+            raise Fail(f"{kept} in {GUEST2}: interfaces authorized {authorized}, host drivers {drivers}, block devices {blocks}")
+        bound = watch.bound_since(kept.added_at)
+        if bound:
+            raise Fail(f"{kept} had a host driver or block device before or during its attach: {bound[:3]}")
+        code, out, err = usbpass_reset(world, kept.port_path)
+        if code == 0 or "attached to running vm" not in err:
+            raise Fail(f"usbpass reset of {kept} in {GUEST2} was not refused: exit {code}, {out.strip()} {err.strip()}")
+
+        stopped = time.monotonic()
+        world.lv.destroy(GUEST2)
+
+        def off_again():
+            authorized, drivers, blocks = host_side(kept.port_path)
+            return authorized and set(authorized) == {"0"} and not drivers and not blocks
+
+        wait_until(off_again, 10, f"{kept} deauthorized after {GUEST2} stopped")
+        off_s = time.monotonic() - stopped
+        time.sleep(3)
+        bound = watch.bound_since(stopped)
+        window_ms = round(1000 * (bound[-1][0] - bound[0][0] + 0.01)) if bound else 0
+        say(f"usbpass: {kept} deauthorized {off_s:.2f} s after {GUEST2} was destroyed; host driver seen for {window_ms} ms ({len(bound)} samples of 10 ms: {bound[:2]})")
+        if any(blocks for _, _, blocks in bound):
+            raise Fail(f"{kept} got a block device on the host after {GUEST2} stopped: {bound[:3]}")
+        if watch.bound_since(time.monotonic() - 2.5):
+            raise Fail(f"{kept} has a host driver again after {GUEST2} stopped: {watch.bound_since(time.monotonic() - 2.5)[:3]}")
+        _, _, blocks = host_side(stray.port_path)
+        if not blocks:
+            raise Fail(f"the unnamed {stray} lost its block device")
+        # A port reset on the host (rusb) of the kept stick, now that no VM holds it: it
+        # stays without a host driver.
+        reset_at = time.monotonic()
+        code, out, err = usbpass_reset(world, kept.port_path)
+        if code != 0 or not out.startswith("reset 46f4:0001"):
+            raise Fail(f"usbpass reset {kept.port_path} failed: exit {code}, {out.strip()} {err.strip()}")
+        reset_s = time.monotonic() - reset_at
+        time.sleep(2)
+        if watch.bound_since(reset_at):
+            raise Fail(f"{kept} got a host driver after its reset: {watch.bound_since(reset_at)[:3]}")
+        say(f"usbpass: reset {kept.port_path} in {reset_s:.2f} s: {out.strip()}")
+        results.data["keep_off_host"] = {
+            "unnamed_stick_block_device_s": round(stray_s, 3),
+            "unnamed_stick_block_device_without_setting_s": round(baseline_s, 3),
+            "kept_stick_in_vm_after_start_s": round(seconds, 3),
+            "kept_stick_off_after_vm_stop_s": round(off_s, 3),
+            "host_driver_window_after_vm_stop_ms": window_ms,
+            "reset_s": round(reset_s, 3),
+        }
+        results.save()
+        world.usb.unplug(kept)
+        world.usb.unplug(stray)
+    finally:
+        if watch is not None:
+            watch.stop()
+        before = world.daemon.log_size()
+        world.daemon.write_rules(RULES)
+    # No rule keeps anything off: the root hubs' default is the kernel's again.
+    wait_until(lambda: set(hub_defaults().values()) == {"1"}, 20, "interface_authorized_default back to 1")
+
+
 # ---------------------------------------------------------------- the benchmark against the peer
 
 BENCH_RULE = "0627:0001"
@@ -2755,7 +2946,7 @@ def main():
         return 1
 
     world = World(lv, usb, daemon)
-    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 26)}
+    functions = {n: globals()[f"scenario_{n}"] for n in range(1, 27)}
     baseline_done = False
     for scenario in selected:
         if scenario.number == 13 and not baseline_done and {1, 3, 4} & set(CONFIG["scenarios"]):

@@ -40,4 +40,5 @@ SCENARIOS = [
     Scenario(23, "node-device-source-plug-unplug-replug"),
     Scenario(24, "follow-other-ids-on-the-same-port-within-the-window-only"),
     Scenario(25, "switch-group-of-3-between-2-vms-5-times"),
+    Scenario(26, "keep-off-host-stick-waits-for-its-vm-without-host-driver"),
 ]

@@ -109,6 +109,7 @@ fn rules() -> impl Strategy<Value = Config> {
                         reconnect: ReconnectMode::Id,
                         give_back: GiveBack::AtOnce,
                         follow_seconds: None,
+                        keep_off_host: None,
                         group: None,
                         line: index + 1,
                     })
@@ -489,6 +490,7 @@ fn a_hostdev_whose_alias_names_another_plug_does_not_block_that_plug() {
         reconnect: ReconnectMode::Id,
         give_back: GiveBack::AtOnce,
         follow_seconds: None,
+        keep_off_host: None,
         group: None,
         line: 1,
     };
