@@ -22,6 +22,7 @@ mod live_domains;
 pub mod lock;
 pub mod notify;
 mod pending_detaches;
+mod reload;
 mod retries;
 pub mod state;
 mod status;
@@ -36,8 +37,8 @@ use crate::daemon::live_domains::LiveDomains;
 use crate::daemon::notify::Watchdog;
 use crate::daemon::pending_detaches::PendingDetaches;
 use crate::daemon::retries::RetryBook;
-use crate::daemon::state::{DaemonState, VmNotAnswering};
-use crate::daemon::status::{LoopView, Status};
+use crate::daemon::state::VmNotAnswering;
+use crate::daemon::status::Status;
 use crate::event::{DeviceDescription, DomainChange, Event, EventSender};
 use crate::host::interfaces::InterfaceGate;
 use crate::host::{DeviceSource, HostError};
@@ -445,63 +446,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         Ok(())
     }
 
-    fn reload_config(&mut self, forced: bool) {
-        // An empty file is a writer caught between create (or truncate) and its first
-        // write: `rm` then `cat >`, `touch` then an edit. It parses as zero rules, and
-        // applying it would detach every device only to attach them again a moment
-        // later. The previous rules stay until the file has content; a file meant to
-        // hold no rules says so with a comment.
-        if std::fs::metadata(&self.options.config_path).is_ok_and(|file| file.len() == 0) {
-            let message = format!(
-                "rules file {} is empty: keeping the previous {} rules until it has content",
-                self.options.config_path.display(),
-                self.config.rules.len()
-            );
-            if self.config_error.as_deref() != Some(message.as_str()) {
-                log::warn!("{message}");
-            }
-            self.config_error = Some(message);
-            return;
-        }
-        match Config::load(&self.options.config_path) {
-            Ok(config) => {
-                // Rules the device source cannot serve are refused like a broken file.
-                if let Err(refusal) = self.device_source.accepts(&config) {
-                    self.refuse_config(refusal.to_string());
-                    return;
-                }
-                if forced || config != self.config {
-                    log::info!(
-                        "rules reloaded from {}: {} rules",
-                        config.path.display(),
-                        config.rules.len()
-                    );
-                }
-                if config.uri != self.config.uri {
-                    log::info!("libvirt uri changed to {}: reconnecting", config.uri);
-                    self.drop_connection("uri changed".to_string());
-                    self.connection.connect_at_once(self.clock.now());
-                }
-                self.config = config;
-                self.config_error = None;
-                self.forget_unfollowed_rules();
-                self.retries.clear();
-            }
-            // A file mid-save can be briefly absent; the final write brings another event.
-            Err(ConfigError::ReadFile { source, .. })
-                if !forced && source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => self.refuse_config(error.to_string()),
-        }
-    }
-
-    /// Keeps the previous rules in force and says why, once per distinct reason.
-    fn refuse_config(&mut self, message: String) {
-        if self.config_error.as_deref() != Some(message.as_str()) {
-            log::error!("{message}; keeping the previous rules");
-        }
-        self.config_error = Some(message);
-    }
-
     fn drop_connection(&mut self, reason: String) {
         self.connection.drop_connection(reason, self.clock.now());
         self.pending_detaches.clear();
@@ -637,34 +581,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             );
         }
         true
-    }
-
-    fn loop_view(&self) -> LoopView<'_> {
-        LoopView {
-            config: &self.config,
-            config_path: &self.options.config_path,
-            config_error: self.config_error.as_deref(),
-            device_count: self.devices.len(),
-            connected: self.connection.is_connected(),
-            libvirt_error: self.connection.last_error(),
-            retries: &self.retries,
-            vms_not_answering: self.vms_not_answering(),
-            group_targets: &self.facts.group_targets,
-        }
-    }
-
-    fn status_line(&self) -> String {
-        self.status.line(&self.loop_view())
-    }
-
-    /// The state the CLI reads. Public for tests.
-    pub fn state(&self) -> DaemonState {
-        self.status.snapshot(&self.loop_view())
-    }
-
-    fn write_state(&mut self) {
-        let state = self.state();
-        self.status.write(&state, &self.options.state_path);
     }
 }
 

@@ -1,9 +1,13 @@
 //! The loop's status: the snapshot it writes to the state file after every reconcile,
-//! for `usbpass status`, and the one-line STATUS it gives systemd.
+//! for `usbpass status`, and the one-line STATUS it gives systemd; and the loop's side of
+//! both.
 
+use crate::daemon::clock::Clock;
 use crate::daemon::retries::RetryBook;
 use crate::daemon::state::{unix_now, DaemonState, LibvirtStatus, VmNotAnswering, STATE_FORMAT};
-use crate::hypervisor::DomainView;
+use crate::daemon::Daemon;
+use crate::host::DeviceSource;
+use crate::hypervisor::{Connector, DomainView};
 use crate::reconcile::{GroupTarget, Placement};
 use crate::rules::Config;
 use std::collections::BTreeMap;
@@ -129,6 +133,37 @@ impl Status {
                 self.write_failed = true;
             }
         }
+    }
+}
+
+/// The loop's side: what it shows of itself, to the state file and to systemd.
+impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
+    pub(super) fn loop_view(&self) -> LoopView<'_> {
+        LoopView {
+            config: &self.config,
+            config_path: &self.options.config_path,
+            config_error: self.config_error.as_deref(),
+            device_count: self.devices.len(),
+            connected: self.connection.is_connected(),
+            libvirt_error: self.connection.last_error(),
+            retries: &self.retries,
+            vms_not_answering: self.vms_not_answering(),
+            group_targets: &self.facts.group_targets,
+        }
+    }
+
+    pub(super) fn status_line(&self) -> String {
+        self.status.line(&self.loop_view())
+    }
+
+    /// The state the CLI reads. Public for tests.
+    pub fn state(&self) -> DaemonState {
+        self.status.snapshot(&self.loop_view())
+    }
+
+    pub(super) fn write_state(&mut self) {
+        let state = self.state();
+        self.status.write(&state, &self.options.state_path);
     }
 }
 

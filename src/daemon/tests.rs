@@ -4,6 +4,7 @@
 use super::*;
 use crate::daemon::clock::manual::{ManualClock, PATIENCE};
 use crate::daemon::executor::CallCounts;
+use crate::daemon::state::DaemonState;
 use crate::event::DomainChange;
 use crate::testing::devices::device;
 use crate::testing::fake_hypervisor::{Call, FakeConnector, FakeWorld, FixedDevices, SharedWorld};
