@@ -58,6 +58,13 @@ pub enum Event {
     },
     /// The strings of a device that `DeviceAdded` announced with `strings_pending`.
     DeviceDescribed(Box<DeviceDescription>),
+    /// The kernel bound a host driver (not usbfs) to a USB interface: `keep_off_host`
+    /// undoes it at once on a device a VM holds (QEMU hands interfaces back to the
+    /// host's drivers when it lets go, before libvirt says that the VM stopped).
+    InterfaceDriverBound {
+        interface_syspath: String,
+        driver: String,
+    },
     /// The kernel's `remove` of a `usb_device`. sysfs is gone by now; the event names
     /// the path and the instance that left (bus and device number, from its `BUSNUM`
     /// and `DEVNUM`). A removal removes only that instance: a newer plug on the same

@@ -49,6 +49,41 @@ impl HostDrivers {
         self.applied.remove(&address);
     }
 
+    /// The kernel bound host driver `driver` to an interface of `device`. A device
+    /// handed to a VM (access `vm`) must have none: QEMU gives the interfaces back to the
+    /// host's drivers when it lets go, which for a VM that stops is before libvirt says
+    /// so. Undone at once: deauthorizing unbinds the driver, and authorizing again does
+    /// not probe, so the device is as its VM needs it if it comes back.
+    pub(super) fn driver_bound(&mut self, device: &UsbDevice, driver: &str) {
+        let address = device.address();
+        // usbfs is a claim (QEMU's), not a host driver.
+        if driver == "usbfs" || self.applied.get(&address) != Some(&HostAccess::Vm) {
+            return;
+        }
+        let Some(gate) = self.gate.as_mut() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let result = gate
+            .apply(device, HostAccess::Off)
+            .and_then(|unbound| gate.apply(device, HostAccess::Vm).map(|_| unbound));
+        match result {
+            Ok(unbound) => log::info!(
+                "host-access device={} addr={} port={} access=vm interfaces={} driver={driver} reason=host-driver-bound apply_us={}",
+                device.id(),
+                address,
+                device.port_path,
+                unbound.join(","),
+                started.elapsed().as_micros()
+            ),
+            Err(error) => {
+                // Applied afresh at the next round.
+                self.applied.remove(&address);
+                warn(&error);
+            }
+        }
+    }
+
     /// `domain` stopped: its QEMU has given the devices it held (`domains`, the copy of
     /// the live XML before the stop) back to the host. Kept-off ones are turned off at
     /// once, before any listing.

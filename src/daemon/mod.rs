@@ -344,6 +344,18 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     device.strings_pending = false;
                 }
             }
+            Event::InterfaceDriverBound {
+                interface_syspath,
+                driver,
+            } => {
+                // An interface lives in its device's folder.
+                let device = std::path::Path::new(&interface_syspath)
+                    .parent()
+                    .and_then(|folder| self.devices.get(folder.to_str()?));
+                if let Some(device) = device {
+                    self.host_drivers.driver_bound(device, &driver);
+                }
+            }
             Event::DeviceRemoved { syspath, address } => {
                 // Only the instance the event names leaves: a late `remove` of an
                 // earlier plug on this port must not drop the device plugged there now.

@@ -208,6 +208,8 @@ fn known_devices(devices: &[UsbDevice]) -> BTreeMap<String, BusAddress> {
 fn open_monitor() -> io::Result<udev::MonitorSocket> {
     udev::MonitorBuilder::new_kernel()?
         .match_subsystem_devtype("usb", "usb_device")?
+        // Only for the drivers the kernel binds to them (`keep_off_host`).
+        .match_subsystem_devtype("usb", "usb_interface")?
         .listen()
 }
 
@@ -293,6 +295,16 @@ impl MonitorState {
         // include reading the device.
         let received = std::time::Instant::now();
         let syspath = event.syspath().to_string_lossy().into_owned();
+        if event.devtype() == Some(OsStr::new("usb_interface")) {
+            let driver = event.property_value("DRIVER").map(OsStr::to_string_lossy);
+            return match (event.event_type(), driver) {
+                (udev::EventType::Bind, Some(driver)) => self.send(Event::InterfaceDriverBound {
+                    interface_syspath: syspath,
+                    driver: driver.into_owned(),
+                }),
+                _ => Ok(()),
+            };
+        }
         match event.event_type() {
             udev::EventType::Add | udev::EventType::Bind | udev::EventType::Change => {
                 if !is_usb_device(event) {

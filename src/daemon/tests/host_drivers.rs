@@ -129,6 +129,49 @@ fn a_kept_off_device_is_deauthorized_before_its_detach_and_when_its_vm_stops() {
     harness.stop().unwrap();
 }
 
+/// The kernel's word that `driver` took the first interface of `device`.
+fn bound(device: &UsbDevice, driver: &str) -> Event {
+    Event::InterfaceDriverBound {
+        interface_syspath: format!("{}/{}:1.0", device.syspath, device.port_path),
+        driver: driver.into(),
+    }
+}
+
+#[test]
+fn a_host_driver_that_takes_a_vms_device_is_unbound_at_once() {
+    let (harness, gate) = Harness::start_gated(
+        KEPT_OFF,
+        FakeWorld::with_domains(&["lab"]),
+        vec![stick(3), stray()],
+    );
+    harness.wait_until("the attach", |w| w.aliases_in("lab").len() == 1);
+    let before = gate.lock().unwrap().applied(stick(3).address());
+    assert_eq!(before.last(), Some(&HostAccess::Vm));
+
+    // QEMU let go (its VM is stopping; libvirt has not said so yet) and the kernel
+    // bound usb-storage: unbound by deauthorizing, then authorized again, unprobed.
+    harness.send_and_settle(bound(&stick(3), "usb-storage"));
+    let log = gate.lock().unwrap();
+    assert_eq!(
+        log.applied(stick(3).address())[before.len()..],
+        [HostAccess::Off, HostAccess::Vm]
+    );
+    assert_eq!(log.access[&stick(3).address()], HostAccess::Vm);
+    let calls = log.calls.len();
+    drop(log);
+
+    // The host's own devices, usbfs claims and interfaces of unknown devices are left
+    // as the kernel has them.
+    harness.send_and_settle(bound(&stray(), "usbhid"));
+    harness.send_and_settle(bound(&stick(3), "usbfs"));
+    harness.send_and_settle(bound(&device(3, 4, 0x46f4, 0x0001, "3-2"), "usb-storage"));
+    let log = gate.lock().unwrap();
+    assert_eq!(log.calls.len(), calls, "{:#?}", &log.calls[calls..]);
+    drop(log);
+    assert_eq!(harness.world.lock().aliases_in("lab").len(), 1);
+    harness.stop().unwrap();
+}
+
 #[test]
 fn without_the_setting_the_gate_is_never_called() {
     let (harness, gate) = Harness::start_gated(
