@@ -1,3 +1,5 @@
+//! Tests of the node-device XML reader against libvirt's own samples and hand-made edge cases.
+
 use super::*;
 
 /// libvirt's own test data, tests/nodedevschemadata/usb_device_1d6b_1_0000_00_1d_0.xml:
