@@ -67,8 +67,13 @@ def make_root_writable(scratch):
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={folder},upperdir={upper},workdir={work}", folder], check=True)
     os.makedirs(scratch, exist_ok=True)
-    subprocess.run(["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=512000",
-                    "virtme.initmount0", scratch], check=True)
+    with open("/proc/cmdline") as file:
+        fstype = (re.findall(r"virtme_initmount0_fstype=(\S+)", file.read()) or ["9p"])[0]
+    if fstype == "virtiofs":
+        subprocess.run(["mount", "-t", "virtiofs", "virtme.initmount0", scratch], check=True)
+    else:
+        subprocess.run(["mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L,msize=512000",
+                        "virtme.initmount0", scratch], check=True)
 
 
 def boot_config():
