@@ -114,7 +114,7 @@ def watch_progress(period=40):
             print("---- no progress for a while: threads, systemd jobs, processes", flush=True)
             faulthandler.dump_traceback(file=log_file, all_threads=True)
             for command in (["systemctl", "list-jobs", "--no-pager"],
-                            "ps -eo pid,stat,etimes,wchan:24,args | grep -E 'libvirt|qemu|virt-aa|apparmor|machine|dbus|usbpass' | grep -v grep",
+                            "ps -eo pid,stat,etimes,wchan:24,args | grep -E 'libvirt|qemu|virt-aa|apparmor|machine|dbus|usbpass|dpkg|man|deb-|systemctl|postinst|find' | grep -v grep",
                             ["journalctl", "-n", "15", "--no-pager", "-o", "short-monotonic"]):
                 try:
                     print(subprocess.run(command, shell=isinstance(command, str), capture_output=True, text=True, timeout=30).stdout, flush=True)
