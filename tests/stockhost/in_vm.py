@@ -93,7 +93,32 @@ except Exception as error:  # nothing to write results to: say it on the console
     console(f"cannot make the root writable or mount {scratch_dir}: {error}")
     subprocess.run(["systemctl", "poweroff"])
     raise
-log_file = open(os.path.join(scratch_dir, "in_vm.log"), "a", buffering=1)
+
+
+class Tee:
+    """The log on the console first (vng.log: it still shows progress if the 9p scratch
+    folder stalls), then in the scratch folder."""
+
+    def __init__(self, *files):
+        self.files = files
+
+    def write(self, text):
+        for file in self.files:
+            try:
+                file.write(text)
+                file.flush()
+            except OSError:
+                pass
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self.files[-1].fileno()
+
+
+log_file = Tee(open("/dev/console", "w"), open(os.path.join(scratch_dir, "in_vm.log"), "a", buffering=1))
 os.dup2(log_file.fileno(), 1)
 os.dup2(log_file.fileno(), 2)
 sys.stdout = sys.stderr = log_file
