@@ -96,6 +96,8 @@ pub struct Daemon<C: Connector, S: DeviceSource, K: Clock = MonotonicClock> {
     definitions: definitions::DefinitionsChore,
     /// SIGHUP: send READY=1 once the reload's reconcile has run.
     ready_after_converge: bool,
+    /// The STATUS line systemd was last given.
+    status_sent: Option<String>,
     retries: RetryBook,
     /// VMs that refused an attach for want of a free USB port: passed over for devices
     /// not in them, until something in that VM changes.
@@ -170,6 +172,7 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
             devices: BTreeMap::new(),
             live: LiveDomains::new(),
             ready_after_converge: false,
+            status_sent: None,
             definitions_unchecked: true,
             definitions: definitions::DefinitionsChore::default(),
             pending_detaches: PendingDetaches::default(),

@@ -32,6 +32,11 @@ pub fn reloading() {
     ]);
 }
 
+/// STATUS alone: the line `systemctl status` shows, whenever it changes.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }

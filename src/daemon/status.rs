@@ -164,6 +164,13 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
     pub(super) fn write_state(&mut self) {
         let state = self.state();
         self.status.write(&state, &self.options.state_path);
+        // systemd's STATUS follows the line whenever it changes (connected, rules
+        // reloaded), not only at READY.
+        let line = self.status_line();
+        if self.status_sent.as_deref() != Some(line.as_str()) {
+            crate::daemon::notify::status(&line);
+            self.status_sent = Some(line);
+        }
     }
 }
 
