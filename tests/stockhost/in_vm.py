@@ -226,33 +226,18 @@ def daemon_lines(entries):
     return [e for e in entries if e.get("SYSLOG_IDENTIFIER") in ("usbpassd", "usbpass") or e.get("_COMM") == "usbpassd"]
 
 
-class ServiceDaemon:
+class ServiceDaemon(e2e.Daemon):
     """tests/e2e/in_vm.py's Daemon, as the packaged unit: the scenarios start, stop and
     read it through systemd, its rules are /etc/usbpass/usbpass.toml and its log is the
-    unit's journal."""
+    unit's journal. `require`, `write_rules` and `read_state` are the Daemon's own."""
 
+    # Not the Daemon's __init__: it checks a binary in the scratch folder and logs to
+    # a file there; the service has neither.
     def __init__(self):
         self.unavailable = None
         self.config = RULES_PATH
         self.state = "/run/usbpass/state.json"
         self.expect_running = False
-
-    def require(self):
-        if self.unavailable:
-            raise Fail(self.unavailable)
-
-    def write_rules(self, text):
-        temporary = self.config + ".tmp"
-        with open(temporary, "w") as file:
-            file.write(text)
-        os.rename(temporary, self.config)
-
-    def read_state(self):
-        try:
-            with open(self.state) as file:
-                return json.load(file)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
 
     def text(self):
         return sh(["journalctl", "-u", UNIT, "-o", "cat", "--no-pager"], check=False)
