@@ -58,8 +58,21 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         kind
     );
     let (sender, receiver) = event_channel();
-    watch::spawn_signal_thread(sender.clone())?;
-    // The watcher starts before the first enumeration so that no plug falls between.
+    // Signals, the rules file, libvirt's sockets and the control socket share one
+    // thread, started before the host's devices are opened: SIGTERM must end a wait for
+    // a host that does not answer.
+    let mut watches = watch::Watches::new(sender.clone())?;
+    watches.catch_signals()?;
+    watches.watch_rules_file(config_path)?;
+    watches.watch_libvirt_sockets(&config.uri, Path::new(watch::LIBVIRT_RUN_DIRECTORY))?;
+    // `usbpass switch` talks to the daemon here, beside the state file it locked. Without
+    // it the daemon still does its main job; only switching is unavailable.
+    match control::bind_control_socket(state_path.parent().unwrap_or(Path::new("."))) {
+        Ok(listener) => watches.serve_control(listener),
+        Err(error) => log::warn!("{error}; usbpass switch is unavailable"),
+    }
+    watches.spawn()?;
+    // The monitor starts before the first enumeration so that no plug falls between.
     let (devices, waited) = match kind {
         SourceKind::Udev => {
             usb::spawn_monitor(sender.clone())?;
@@ -71,21 +84,8 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
             None => return Ok(ExitCode::SUCCESS),
         },
     };
-    watch::spawn_config_watcher(config_path, sender.clone())?;
-    // `usbpass switch` talks to the daemon here, beside the state file it locked. Without
-    // it the daemon still does its main job; only switching is unavailable.
-    if let Err(error) = control::spawn_control_socket(
-        state_path.parent().unwrap_or(Path::new(".")),
-        sender.clone(),
-    ) {
-        log::warn!("{error}; usbpass switch is unavailable");
-    }
-    watch::spawn_libvirt_socket_watcher(
-        &config.uri,
-        Path::new(watch::LIBVIRT_RUN_DIRECTORY),
-        sender.clone(),
-    )?;
-    // The file may have changed while we waited for the host, unwatched.
+    // The file may have changed while we waited for the host: the wait dropped the
+    // watch's events.
     let config = if waited {
         let config = Config::load(config_path)?;
         devices.accepts(&config)?;

@@ -1,8 +1,9 @@
 //! The daemon's control socket (`control.sock` beside the state file, root only): the
 //! way `usbpass switch` asks the running daemon to move a device group, and waits for
-//! the answer. One JSON line in, one JSON line out per connection. Each connection is
-//! served on a short-lived thread that hands the request to the loop as an
-//! `Event::Control` and writes back what the loop replies.
+//! the answer. One JSON line in, one JSON line out per connection. The watch thread
+//! (`daemon::watch`) accepts; each connection is served on a short-lived thread that
+//! hands the request to the loop as an `Event::Control` and writes back what the loop
+//! replies.
 
 use crate::event::{Event, EventSender};
 use serde::{Deserialize, Serialize};
@@ -10,9 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The socket's file name, in the state file's directory.
@@ -25,11 +24,6 @@ pub enum ControlError {
     #[error("cannot create the control socket {path}: {source}")]
     BindSocket {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start the control socket thread: {source}")]
-    SpawnThread {
         #[source]
         source: std::io::Error,
     },
@@ -110,11 +104,9 @@ impl PartialEq for ControlRequest {
 impl Eq for ControlRequest {}
 
 /// Creates the socket (replacing a stale one a killed daemon left: the caller holds the
-/// daemon lock, so no other daemon uses it) and serves it on a thread.
-pub fn spawn_control_socket(
-    state_directory: &Path,
-    events: EventSender,
-) -> Result<JoinHandle<()>, ControlError> {
+/// daemon lock, so no other daemon uses it). The watch thread serves it
+/// (`Watches::serve_control`).
+pub fn bind_control_socket(state_directory: &Path) -> Result<UnixListener, ControlError> {
     let path = state_directory.join(CONTROL_SOCKET_NAME);
     let bind_error = |source| ControlError::BindSocket {
         path: path.clone(),
@@ -127,22 +119,38 @@ pub fn spawn_control_socket(
     let listener = UnixListener::bind(&path).map_err(bind_error)?;
     // Root only: a switch moves keyboards and disks between VMs.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-    std::thread::Builder::new()
-        .name("usbpass-control".into())
-        .spawn(move || {
-            let ids = AtomicU64::new(1);
-            for stream in listener.incoming().flatten() {
-                let events = events.clone();
-                let id = ids.fetch_add(1, Ordering::Relaxed);
-                let served = std::thread::Builder::new()
-                    .name("usbpass-control-client".into())
-                    .spawn(move || serve(stream, id, &events));
-                if let Err(error) = served {
-                    log::warn!("cannot serve a control client: {error}");
-                }
+    Ok(listener)
+}
+
+/// Takes every client waiting on the (non-blocking) listener and serves each on a
+/// short-lived thread: a client that sends nothing holds up only its own thread.
+pub fn accept_clients(listener: &UnixListener, next_id: &mut u64, events: &EventSender) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                // ECONNABORTED, EMFILE and the like: this client is lost, not the socket.
+                log::warn!("cannot accept a control client: {error}");
+                return;
             }
-        })
-        .map_err(|source| ControlError::SpawnThread { source })
+        };
+        let id = *next_id;
+        *next_id += 1;
+        let events = events.clone();
+        let served = std::thread::Builder::new()
+            .name("usbpass-control-client".into())
+            .spawn(move || {
+                // The listener's non-blocking mode is not the client's.
+                if stream.set_nonblocking(false).is_ok() {
+                    serve(stream, id, &events);
+                }
+            });
+        if let Err(error) = served {
+            log::warn!("cannot serve a control client: {error}");
+        }
+    }
 }
 
 fn serve(stream: UnixStream, id: u64, events: &EventSender) {
@@ -206,12 +214,20 @@ pub fn request_switch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::watch::Watches;
+
+    /// The socket served by a watch thread of its own, as the daemon serves it.
+    fn spawn_control_socket(state_directory: &Path, events: EventSender) {
+        let mut watches = Watches::new(events).unwrap();
+        watches.serve_control(bind_control_socket(state_directory).unwrap());
+        watches.spawn().unwrap();
+    }
 
     #[test]
     fn a_request_reaches_the_loop_and_its_reply_the_client() {
         let directory = tempfile::tempdir().unwrap();
         let (sender, events) = crate::event::event_channel();
-        spawn_control_socket(directory.path(), sender).unwrap();
+        spawn_control_socket(directory.path(), sender);
         let path = directory.path().join(CONTROL_SOCKET_NAME);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "root only");
@@ -254,7 +270,7 @@ mod tests {
         );
         assert!(missing.is_err());
         let (sender, _events) = crate::event::event_channel();
-        spawn_control_socket(directory.path(), sender).unwrap();
+        spawn_control_socket(directory.path(), sender);
         let stream = UnixStream::connect(directory.path().join(CONTROL_SOCKET_NAME)).unwrap();
         (&stream).write_all(b"{\"group\": 3}\n").unwrap();
         let mut line = String::new();

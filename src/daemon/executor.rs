@@ -4,10 +4,13 @@
 //! state.
 //!
 //! Each VM's attaches and detaches run on that VM's worker thread, in the order they
-//! were issued; the worker is started on the VM's first call, parks in a blocking
-//! receive while idle (nothing wakes), and exits when the loop forgets the VM (it
-//! stopped). A plug then costs a channel handoff, not a thread start. A VM whose QEMU
-//! does not answer holds up only its own worker. Listings and connects are rare and
+//! were issued; the worker is started on the VM's first call and serves its calls
+//! while the loop is busy. When the loop has nothing left to wait for, workers with no
+//! call left are retired (their stacks, deepened by libvirt's RPC code, go back to the
+//! kernel), and a VM's next call starts a new one: a thread start is microseconds
+//! against a call's hundreds of milliseconds, and a retired worker had no call left,
+//! so two workers of one VM never call at once. A VM whose QEMU does not answer holds
+//! up only its own worker. Listings and connects are rare and
 //! run on a thread of their own each, which exits when the call returns. A call cannot
 //! be cancelled; the loop gives up waiting at its deadline and books the real answer
 //! whenever it comes.
@@ -106,7 +109,13 @@ pub struct Executor {
     next_call: u64,
     counts: Arc<CallCounts>,
     /// Each VM's worker, by VM name.
-    workers: HashMap<String, Sender<Job>>,
+    workers: HashMap<String, Worker>,
+}
+
+/// A VM's worker thread: where its calls go, and how many it has not finished.
+struct Worker {
+    jobs: Sender<Job>,
+    unfinished: Arc<AtomicU64>,
 }
 
 impl Executor {
@@ -122,6 +131,13 @@ impl Executor {
     /// The VM stopped: its worker exits once its calls are done.
     pub fn forget_vm(&mut self, domain: &str) {
         self.workers.remove(domain);
+    }
+
+    /// Lets every worker that has finished all its calls exit (the loop calls this when
+    /// it is about to sleep with nothing to wait for).
+    pub fn retire_idle_workers(&mut self) {
+        self.workers
+            .retain(|_, worker| worker.unfinished.load(Ordering::SeqCst) > 0);
     }
 
     pub fn counts(&self) -> Arc<CallCounts> {
@@ -252,25 +268,34 @@ impl Executor {
     /// is gone).
     fn hand_to_worker(&mut self, vm: String, job: Job) -> std::io::Result<()> {
         let job = match self.workers.get(&vm) {
-            Some(worker) => match worker.send(job) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::SendError(job)) => job,
-            },
+            Some(worker) => {
+                worker.unfinished.fetch_add(1, Ordering::SeqCst);
+                match worker.jobs.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::SendError(job)) => {
+                        worker.unfinished.fetch_sub(1, Ordering::SeqCst);
+                        job
+                    }
+                }
+            }
             None => job,
         };
-        let (worker, jobs) = mpsc::channel::<Job>();
+        let (jobs, received) = mpsc::channel::<Job>();
+        let unfinished = Arc::new(AtomicU64::new(1));
+        let finished = unfinished.clone();
         std::thread::Builder::new()
             .name("usbpass-vm".into())
             .spawn(move || {
-                // Parked here while idle; ends when the executor forgets the VM.
-                for job in jobs {
+                // Parked here between calls; ends when the executor retires or forgets
+                // the worker.
+                for job in received {
                     job();
+                    finished.fetch_sub(1, Ordering::SeqCst);
                 }
             })?;
-        worker
-            .send(job)
+        jobs.send(job)
             .expect("a worker just started holds its receiver");
-        self.workers.insert(vm, worker);
+        self.workers.insert(vm, Worker { jobs, unfinished });
         Ok(())
     }
 }
@@ -329,5 +354,52 @@ mod tests {
                 alias: alias.to_string(),
             })
         );
+    }
+
+    #[test]
+    fn a_worker_is_retired_only_with_no_call_left_and_the_next_call_starts_another() {
+        let (sender, events) = crate::event::event_channel();
+        let mut executor = Executor::new(sender);
+        let (open_gate, gate) = mpsc::channel::<()>();
+        let refused = |_: CallId, message: String| {
+            CallOutcome::Listing(Err(HypervisorError::ListDomains {
+                kind: FailureKind::Other,
+                message,
+            }))
+        };
+        let blocked = executor.start(
+            Some("win11".into()),
+            move |_| {
+                gate.recv().unwrap();
+                CallOutcome::Connected
+            },
+            refused,
+        );
+        // Busy: retiring it would let a second worker of win11 call beside it.
+        executor.retire_idle_workers();
+        assert_eq!(executor.workers.len(), 1);
+        open_gate.send(()).unwrap();
+        let answered = |events: &mpsc::Receiver<Event>| match events
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+        {
+            Event::CallFinished(finished) => finished.call,
+            other => panic!("not a call's answer: {other:?}"),
+        };
+        assert_eq!(answered(&events), blocked);
+        // The count drops just after the answer is sent.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while executor.workers["win11"].unfinished.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never finished its call"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        executor.retire_idle_workers();
+        assert!(executor.workers.is_empty());
+        let next = executor.start(Some("win11".into()), |_| CallOutcome::Connected, refused);
+        assert_eq!(answered(&events), next);
+        assert_eq!(executor.workers.len(), 1);
     }
 }

@@ -230,7 +230,12 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         notify::ready(&self.status_line());
         self.watchdog.start(self.clock.now());
         loop {
-            let event = match self.clock.next_event(&self.events, self.next_deadline()) {
+            let deadline = self.next_deadline();
+            if deadline.is_none() {
+                // Nothing left to wait for: idle workers give their stacks back.
+                self.executor.retire_idle_workers();
+            }
+            let event = match self.clock.next_event(&self.events, deadline) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => {
                     self.on_timeout();

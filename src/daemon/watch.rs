@@ -1,10 +1,16 @@
-//! Event sources that are neither udev nor libvirt: signals (SIGHUP, SIGTERM, SIGINT)
-//! and the rules file changing on disk. Each runs on a thread that blocks until
-//! something happens, so an idle daemon is never woken.
+//! Event sources that are neither udev nor libvirt: signals (SIGHUP, SIGTERM, SIGINT),
+//! the rules file changing on disk, libvirt's sockets appearing, and the control
+//! socket's clients. One thread waits in poll(2) on all of them: an idle daemon is
+//! never woken, and pays for one thread's stack, not four.
 
+use crate::daemon::control;
 use crate::event::{Event, EventSender};
+use inotify::{Inotify, WatchDescriptor, WatchMask};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
@@ -12,6 +18,11 @@ use std::thread::JoinHandle;
 pub enum WatchError {
     #[error("cannot install signal handlers: {source}")]
     InstallSignalHandlers {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start watching files: {source}")]
+    StartInotify {
         #[source]
         source: std::io::Error,
     },
@@ -35,154 +46,249 @@ pub enum WatchError {
     },
 }
 
-/// SIGHUP becomes `Event::Reload`; SIGTERM and SIGINT become `Event::Terminate`.
-pub fn spawn_signal_thread(events: EventSender) -> Result<JoinHandle<()>, WatchError> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])
-        .map_err(|source| WatchError::InstallSignalHandlers { source })?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                let event = if signal == SIGHUP {
-                    Event::Reload
-                } else {
-                    Event::Terminate
-                };
-                if events.send(event).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|source| WatchError::SpawnThread {
-            name: "signals",
-            source,
-        })
-}
-
-/// Sends `Event::ConfigChanged` when a writer of the rules file is done with it: on
-/// close after writing (`cp`, `cat >`, an editor that writes in place) and on a rename
-/// into place (`usbpass assign`, `sed -i`, vim's default). Never on create, delete or
-/// rename away: those come first in every way of saving a file, and the file they
-/// leave is missing, empty or cut off, which is valid TOML with zero rules; applying it
-/// would detach every device. It watches the directory, not the file: a watch on the
-/// old inode would miss a rename over it. When the rules file is a symlink, the
-/// target's directory is watched too, so that an edit of the target is seen.
-pub fn spawn_config_watcher(
-    config_path: &Path,
-    events: EventSender,
-) -> Result<JoinHandle<()>, WatchError> {
-    use inotify::{Inotify, WatchMask};
-    let mut watched: Vec<(PathBuf, OsString)> = vec![split(config_path)];
-    if let Ok(target) = std::fs::canonicalize(config_path) {
-        let target = split(&target);
-        if target != watched[0] {
-            watched.push(target);
-        }
-    }
-    let inotify = Inotify::init().map_err(|source| WatchError::WatchConfigDirectory {
-        path: watched[0].0.clone(),
-        source,
-    })?;
-    let mut names = Vec::new();
-    for (directory, file_name) in watched {
-        let descriptor = inotify
-            .watches()
-            .add(&directory, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO)
-            .map_err(|source| WatchError::WatchConfigDirectory {
-                path: directory.clone(),
-                source,
-            })?;
-        names.push((descriptor, file_name));
-    }
-    let mut inotify = inotify;
-    std::thread::Builder::new()
-        .name("rules-watch".into())
-        .spawn(move || {
-            let mut buffer = [0u8; 4096];
-            loop {
-                let events_read = match inotify.read_events_blocking(&mut buffer) {
-                    Ok(read) => read,
-                    Err(error) => {
-                        let _ = events.send(Event::SourceFailed {
-                            source: "rules file",
-                            message: error.to_string(),
-                        });
-                        return;
-                    }
-                };
-                let touched = events_read.into_iter().any(|event| {
-                    names.iter().any(|(descriptor, name)| {
-                        event.wd == *descriptor && event.name == Some(name.as_os_str())
-                    })
-                });
-                if touched && events.send(Event::ConfigChanged).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|source| WatchError::SpawnThread {
-            name: "rules-watch",
-            source,
-        })
-}
-
 /// Where the system libvirtd and its modular daemons put their sockets.
 pub const LIBVIRT_RUN_DIRECTORY: &str = "/run/libvirt";
 
-/// Sends `Event::LibvirtSocketAppeared` whenever a libvirt daemon's socket is created
-/// in `directory` (`libvirt-sock`, `virtqemud-sock`, ...): libvirtd has (re)started, and
-/// a connect would now succeed. With it the loop reconnects at once after a restart,
-/// instead of at its next backoff attempt (up to 30 s later), and nothing polls. Only
-/// for a system URI of this machine; for others it returns `Ok(None)`, as it does when
-/// the directory does not exist (no libvirt here yet: the backoff covers that).
-pub fn spawn_libvirt_socket_watcher(
-    uri: &str,
-    directory: &Path,
+/// The read ends the signal handlers write one byte into (signal-hook's self-pipe):
+/// one for SIGHUP, one for SIGTERM and SIGINT, so the byte says which it was.
+#[derive(Debug)]
+struct SignalPipes {
+    hangup: UnixStream,
+    terminate: UnixStream,
+}
+
+/// Everything the watch thread waits on, gathered before it starts.
+#[derive(Debug)]
+pub struct Watches {
     events: EventSender,
-) -> Result<Option<JoinHandle<()>>, WatchError> {
-    use inotify::{Inotify, WatchMask};
-    let system = uri.split_once("://").is_some_and(|(_, rest)| {
-        rest.split('?')
-            .next()
-            .is_some_and(|path| path.ends_with("/system"))
-    });
-    if !system || !crate::host::select::devices_are_local(uri) || !directory.is_dir() {
-        return Ok(None);
+    signals: Option<SignalPipes>,
+    inotify: Inotify,
+    /// The rules file's directory watches, and the file name in each.
+    rules: Vec<(WatchDescriptor, OsString)>,
+    libvirt_sockets: Option<WatchDescriptor>,
+    control: Option<UnixListener>,
+}
+
+impl Watches {
+    pub fn new(events: EventSender) -> Result<Watches, WatchError> {
+        let inotify = Inotify::init().map_err(|source| WatchError::StartInotify { source })?;
+        Ok(Watches {
+            events,
+            signals: None,
+            inotify,
+            rules: Vec::new(),
+            libvirt_sockets: None,
+            control: None,
+        })
     }
-    let watch_error = |source| WatchError::WatchLibvirtSockets {
-        path: directory.to_path_buf(),
-        source,
-    };
-    let mut inotify = Inotify::init().map_err(watch_error)?;
-    inotify
-        .watches()
-        .add(directory, WatchMask::CREATE | WatchMask::MOVED_TO)
-        .map_err(watch_error)?;
-    let thread = std::thread::Builder::new()
-        .name("libvirt-sockets".into())
-        .spawn(move || {
-            let mut buffer = [0u8; 4096];
-            loop {
-                // A failed read only costs the quick reconnect; the backoff remains.
-                let Ok(events_read) = inotify.read_events_blocking(&mut buffer) else {
-                    return;
-                };
-                let appeared = events_read.into_iter().any(|event| {
-                    event
-                        .name
-                        .and_then(|name| name.to_str())
-                        .is_some_and(|name| name.ends_with("-sock"))
+
+    /// SIGHUP becomes `Event::Reload`; SIGTERM and SIGINT become `Event::Terminate`.
+    /// From here on they no longer stop the process by themselves: a signal that comes
+    /// before the thread runs waits in its pipe.
+    pub fn catch_signals(&mut self) -> Result<(), WatchError> {
+        let install_error = |source| WatchError::InstallSignalHandlers { source };
+        let (hangup, hangup_writer) = UnixStream::pair().map_err(install_error)?;
+        let (terminate, terminate_writer) = UnixStream::pair().map_err(install_error)?;
+        let interrupt_writer = terminate_writer.try_clone().map_err(install_error)?;
+        for stream in [&hangup, &terminate] {
+            stream.set_nonblocking(true).map_err(install_error)?;
+        }
+        signal_hook::low_level::pipe::register(SIGHUP, hangup_writer).map_err(install_error)?;
+        signal_hook::low_level::pipe::register(SIGTERM, terminate_writer).map_err(install_error)?;
+        signal_hook::low_level::pipe::register(SIGINT, interrupt_writer).map_err(install_error)?;
+        self.signals = Some(SignalPipes { hangup, terminate });
+        Ok(())
+    }
+
+    /// Sends `Event::ConfigChanged` when a writer of the rules file is done with it: on
+    /// close after writing (`cp`, `cat >`, an editor that writes in place) and on a
+    /// rename into place (`usbpass assign`, `sed -i`, vim's default). Never on create,
+    /// delete or rename away: those come first in every way of saving a file, and the
+    /// file they leave is missing, empty or cut off, which is valid TOML with zero
+    /// rules; applying it would detach every device. It watches the directory, not the
+    /// file: a watch on the old inode would miss a rename over it. When the rules file
+    /// is a symlink, the target's directory is watched too, so that an edit of the
+    /// target is seen.
+    pub fn watch_rules_file(&mut self, config_path: &Path) -> Result<(), WatchError> {
+        let mut watched: Vec<(PathBuf, OsString)> = vec![split(config_path)];
+        if let Ok(target) = std::fs::canonicalize(config_path) {
+            let target = split(&target);
+            if target != watched[0] {
+                watched.push(target);
+            }
+        }
+        for (directory, file_name) in watched {
+            let descriptor = self
+                .inotify
+                .watches()
+                .add(&directory, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO)
+                .map_err(|source| WatchError::WatchConfigDirectory {
+                    path: directory.clone(),
+                    source,
+                })?;
+            self.rules.push((descriptor, file_name));
+        }
+        Ok(())
+    }
+
+    /// Sends `Event::LibvirtSocketAppeared` whenever a libvirt daemon's socket is
+    /// created in `directory` (`libvirt-sock`, `virtqemud-sock`, ...): libvirtd has
+    /// (re)started, and a connect would now succeed. With it the loop reconnects at once
+    /// after a restart, instead of at its next backoff attempt (up to 30 s later), and
+    /// nothing polls. Only for a system URI of this machine; for others it returns
+    /// `Ok(false)`, as it does when the directory does not exist (no libvirt here yet:
+    /// the backoff covers that).
+    pub fn watch_libvirt_sockets(
+        &mut self,
+        uri: &str,
+        directory: &Path,
+    ) -> Result<bool, WatchError> {
+        let system = uri.split_once("://").is_some_and(|(_, rest)| {
+            rest.split('?')
+                .next()
+                .is_some_and(|path| path.ends_with("/system"))
+        });
+        if !system || !crate::host::select::devices_are_local(uri) || !directory.is_dir() {
+            return Ok(false);
+        }
+        let descriptor = self
+            .inotify
+            .watches()
+            .add(directory, WatchMask::CREATE | WatchMask::MOVED_TO)
+            .map_err(|source| WatchError::WatchLibvirtSockets {
+                path: directory.to_path_buf(),
+                source,
+            })?;
+        self.libvirt_sockets = Some(descriptor);
+        Ok(true)
+    }
+
+    /// Serves the control socket's clients, each on a short-lived thread of its own.
+    pub fn serve_control(&mut self, listener: UnixListener) {
+        self.control = Some(listener);
+    }
+
+    /// Starts the one thread that waits on everything gathered. It ends when the loop
+    /// is gone.
+    pub fn spawn(self) -> Result<JoinHandle<()>, WatchError> {
+        std::thread::Builder::new()
+            .name("usbpass-watch".into())
+            .spawn(move || self.run())
+            .map_err(|source| WatchError::SpawnThread {
+                name: "usbpass-watch",
+                source,
+            })
+    }
+
+    fn run(mut self) {
+        // Each fd is non-blocking: poll says which are ready, the reads drain them.
+        if let Some(listener) = &self.control {
+            if let Err(error) = listener.set_nonblocking(true) {
+                log::warn!("{error}; usbpass switch is unavailable");
+                self.control = None;
+            }
+        }
+        let mut inotify_open = true;
+        let mut buffer = [0u8; 4096];
+        let mut client_ids = 1u64;
+        loop {
+            // A negative fd is skipped by poll(2): a source that is absent or failed.
+            let fd = |present: bool, fd: i32| if present { fd } else { -1 };
+            let mut fds = [
+                self.signals.as_ref().map_or(-1, |s| s.hangup.as_raw_fd()),
+                self.signals
+                    .as_ref()
+                    .map_or(-1, |s| s.terminate.as_raw_fd()),
+                fd(inotify_open, self.inotify.as_raw_fd()),
+                self.control.as_ref().map_or(-1, |l| l.as_raw_fd()),
+            ]
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: `fds` is a live, writable array of `fds.len()` pollfd structs
+            // for the whole call; poll only writes their `revents`.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let _ = self.events.send(Event::SourceFailed {
+                    source: "signals and rules file",
+                    message: format!("cannot wait for events: {error}"),
                 });
-                if appeared && events.send(Event::LibvirtSocketAppeared).is_err() {
+                return;
+            }
+            let [hangup, terminate, files, clients] = fds.map(|fd| fd.revents != 0);
+            let mut sent = Vec::new();
+            if let Some(signals) = &mut self.signals {
+                if hangup && drain(&mut signals.hangup) {
+                    sent.push(Event::Reload);
+                }
+                if terminate && drain(&mut signals.terminate) {
+                    sent.push(Event::Terminate);
+                }
+            }
+            if files {
+                match self.inotify.read_events(&mut buffer) {
+                    Ok(read) => {
+                        let (mut rules, mut sockets) = (false, false);
+                        for event in read {
+                            rules |= self.rules.iter().any(|(descriptor, name)| {
+                                event.wd == *descriptor && event.name == Some(name.as_os_str())
+                            });
+                            sockets |= self.libvirt_sockets.as_ref() == Some(&event.wd)
+                                && event
+                                    .name
+                                    .and_then(|name| name.to_str())
+                                    .is_some_and(|name| name.ends_with("-sock"));
+                        }
+                        if rules {
+                            sent.push(Event::ConfigChanged);
+                        }
+                        if sockets {
+                            sent.push(Event::LibvirtSocketAppeared);
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => {
+                        // A failed read costs the rules reload on edit (the loop says
+                        // so) and the quick reconnect; SIGHUP and the backoff remain.
+                        inotify_open = false;
+                        sent.push(Event::SourceFailed {
+                            source: "rules file",
+                            message: error.to_string(),
+                        });
+                    }
+                }
+            }
+            if clients {
+                if let Some(listener) = &self.control {
+                    control::accept_clients(listener, &mut client_ids, &self.events);
+                }
+            }
+            for event in sent {
+                if self.events.send(event).is_err() {
                     return;
                 }
             }
-        })
-        .map_err(|source| WatchError::SpawnThread {
-            name: "libvirt-sockets",
-            source,
-        })?;
-    Ok(Some(thread))
+        }
+    }
+}
+
+/// Empties a signal pipe; whether it held anything.
+fn drain(pipe: &mut UnixStream) -> bool {
+    let mut bytes = [0u8; 64];
+    let mut any = false;
+    while let Ok(read) = pipe.read(&mut bytes) {
+        if read == 0 {
+            break;
+        }
+        any = true;
+    }
+    any
 }
 
 /// A file's directory and name.
@@ -193,6 +299,17 @@ fn split(path: &Path) -> (PathBuf, OsString) {
     };
     let name = path.file_name().map(OsString::from).unwrap_or_default();
     (directory, name)
+}
+
+/// The rules-file watch alone on a thread of its own, as the tests use it.
+#[cfg(test)]
+pub fn spawn_config_watcher(
+    config_path: &Path,
+    events: EventSender,
+) -> Result<JoinHandle<()>, WatchError> {
+    let mut watches = Watches::new(events)?;
+    watches.watch_rules_file(config_path)?;
+    watches.spawn()
 }
 
 #[cfg(test)]
@@ -244,10 +361,11 @@ mod tests {
     fn a_new_libvirt_socket_is_noticed_and_other_files_are_not() {
         let directory = tempfile::tempdir().unwrap();
         let (sender, receiver) = crate::event::event_channel();
-        let started =
-            spawn_libvirt_socket_watcher("qemu:///system", directory.path(), sender.clone())
-                .unwrap();
-        assert!(started.is_some());
+        let mut watches = Watches::new(sender.clone()).unwrap();
+        assert!(watches
+            .watch_libvirt_sockets("qemu:///system", directory.path())
+            .unwrap());
+        watches.spawn().unwrap();
         std::fs::write(directory.path().join("qemu.pid"), "1").unwrap();
         assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
         let socket =
@@ -261,11 +379,38 @@ mod tests {
             "qemu:///session",
             "test:///default",
         ] {
-            assert!(
-                spawn_libvirt_socket_watcher(uri, directory.path(), sender.clone())
-                    .unwrap()
-                    .is_none()
-            );
+            let mut watches = Watches::new(sender.clone()).unwrap();
+            assert!(!watches
+                .watch_libvirt_sockets(uri, directory.path())
+                .unwrap());
         }
+    }
+
+    #[test]
+    fn one_thread_tells_signals_rules_edits_and_libvirt_sockets_apart() {
+        let rules_directory = tempfile::tempdir().unwrap();
+        let run_directory = tempfile::tempdir().unwrap();
+        let rules = rules_directory.path().join("usbpass.toml");
+        let (sender, receiver) = crate::event::event_channel();
+        let mut watches = Watches::new(sender).unwrap();
+        watches.catch_signals().unwrap();
+        watches.watch_rules_file(&rules).unwrap();
+        assert!(watches
+            .watch_libvirt_sockets("qemu:///system", run_directory.path())
+            .unwrap());
+        // Caught before the thread runs: the signal waits in its pipe.
+        signal_hook::low_level::raise(SIGHUP).unwrap();
+        watches.spawn().unwrap();
+        let next = || receiver.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(next(), Event::Reload);
+        std::fs::write(&rules, "").unwrap();
+        assert_eq!(next(), Event::ConfigChanged);
+        let _socket = UnixListener::bind(run_directory.path().join("libvirt-sock")).unwrap();
+        assert_eq!(next(), Event::LibvirtSocketAppeared);
+        signal_hook::low_level::raise(SIGTERM).unwrap();
+        assert_eq!(next(), Event::Terminate);
+        signal_hook::low_level::raise(SIGINT).unwrap();
+        assert_eq!(next(), Event::Terminate);
+        assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
     }
 }

@@ -113,19 +113,30 @@ pub fn check(qemu_conf: &str, facts: &HostFacts) -> Vec<SettingCheck> {
                 .into(),
         ),
         other => {
-            let allowed = facts
-                .apparmor_local
-                .as_deref()
-                .is_some_and(|text| text.contains("/dev/bus/usb/"));
+            let local = facts.apparmor_local.as_deref().unwrap_or("");
+            // The guest profile executes only qemu-system-* and opens no new USB node:
+            // both lines must be in the local abstraction (docs/usbpass-qemu.md).
+            let missing: Vec<&str> = [
+                ("usbpass-qemu", "usbpass-qemu rmix"),
+                ("/dev/bus/usb/", "/dev/bus/usb/** rw"),
+            ]
+            .into_iter()
+            .filter(|(needle, _)| !local.contains(needle))
+            .map(|(_, rule)| rule)
+            .collect();
             (
-                Some(allowed),
+                Some(missing.is_empty()),
                 format!(
                     "{} with {}",
                     other.unwrap_or("not set (apparmor where it runs)"),
-                    if allowed {
-                        "/dev/bus/usb/ in the local libvirt-qemu abstraction"
+                    if missing.is_empty() {
+                        "the wrapper and /dev/bus/usb/ in the local libvirt-qemu abstraction"
+                            .to_string()
                     } else {
-                        "no /dev/bus/usb/ rule in /etc/apparmor.d/local/abstractions/libvirt-qemu"
+                        format!(
+                            "no {} rule in /etc/apparmor.d/local/abstractions/libvirt-qemu",
+                            missing.join(" or ")
+                        )
                     }
                 ),
             )
@@ -133,7 +144,7 @@ pub fn check(qemu_conf: &str, facts: &HostFacts) -> Vec<SettingCheck> {
     };
     checks.push(SettingCheck {
         setting: "security_driver",
-        needed: "the confinement lets QEMU open new /dev/bus/usb nodes",
+        needed: "the confinement lets QEMU run usbpass-qemu and open new /dev/bus/usb nodes",
         found,
         ok,
     });
@@ -210,6 +221,10 @@ mod tests {
     #[test]
     fn apparmor_is_enough_with_the_local_rule_and_selinux_is_unknown() {
         let facts = HostFacts {
+            apparmor_local: Some("/usr/bin/usbpass-qemu rmix,\n/dev/bus/usb/** rw,\n".into()),
+            ..HostFacts::default()
+        };
+        let only_the_node = HostFacts {
             apparmor_local: Some("/dev/bus/usb/** rw,\n".into()),
             ..HostFacts::default()
         };
@@ -223,5 +238,7 @@ mod tests {
         assert_eq!(security("", &facts), Some(true));
         assert_eq!(security("security_driver = \"selinux\"\n", &facts), None);
         assert_eq!(security("", &HostFacts::default()), Some(false));
+        // Without the exec rule the wrapped guest does not even start.
+        assert_eq!(security("", &only_the_node), Some(false));
     }
 }
