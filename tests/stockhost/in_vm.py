@@ -624,9 +624,10 @@ def wrapper_domain_replug(ctx, label):
         try:
             return e2e.wait_until(lambda: has_keyboard() and time.monotonic() - keyboard.added_at, 20, f"replugged keyboard back in {e2e.WRAPPED} ({label})")
         except Fail:
-            logtail = open(f"/var/log/libvirt/qemu/{e2e.WRAPPED}.log", errors="replace").read()[-600:]
+            logtail = open(f"/var/log/libvirt/qemu/{e2e.WRAPPED}.log", errors="replace").read()[-4000:]
             dmesg = [l for l in sh(["dmesg"], check=False).splitlines() if "apparmor=\"DENIED\"" in l][-3:]
-            raise Fail(f"{label}: replugged keyboard not back in {e2e.WRAPPED} within 20 s; QEMU log: {' | '.join(logtail.splitlines()[-3:])}; AppArmor denials: {dmesg}")
+            wrapper_lines = [l for l in logtail.splitlines() if "usbpass-qemu" in l][-3:]
+            raise Fail(f"{label}: replugged keyboard not back in {e2e.WRAPPED} within 20 s; QEMU log: {' | '.join(logtail.splitlines()[-3:])}; the wrapper's lines: {wrapper_lines}; AppArmor denials: {dmesg}")
     finally:
         for plug in list(world.usb.plugged.values()):
             world.usb.unplug(plug)
@@ -815,6 +816,17 @@ def main():
     return 0
 
 
+def destroy_all_domains():
+    """At the end: libvirt-guests.service would otherwise ask each guest to shut down at
+    poweroff and wait 300 s for guests that have no OS to answer (boot 10 spent four
+    minutes there)."""
+    try:
+        subprocess.run("for name in $(virsh -c qemu:///system list --name); do virsh -c qemu:///system destroy \"$name\"; done",
+                       shell=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 if __name__ == "__main__":
     status = 1
     try:
@@ -823,5 +835,6 @@ if __name__ == "__main__":
         traceback.print_exc()
     finally:
         log_file.flush()
+        destroy_all_domains()
         subprocess.run(["systemctl", "poweroff", "--no-block"])
     sys.exit(status)
