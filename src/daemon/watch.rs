@@ -188,18 +188,16 @@ impl Watches {
                 self.control = None;
             }
         }
-        let mut inotify_open = true;
         let mut buffer = [0u8; 4096];
         let mut client_ids = 1u64;
         loop {
-            // A negative fd is skipped by poll(2): a source that is absent or failed.
-            let fd = |present: bool, fd: i32| if present { fd } else { -1 };
+            // A negative fd is skipped by poll(2): a source that is absent.
             let mut fds = [
                 self.signals.as_ref().map_or(-1, |s| s.hangup.as_raw_fd()),
                 self.signals
                     .as_ref()
                     .map_or(-1, |s| s.terminate.as_raw_fd()),
-                fd(inotify_open, self.inotify.as_raw_fd()),
+                self.inotify.as_raw_fd(),
                 self.control.as_ref().map_or(-1, |l| l.as_raw_fd()),
             ]
             .map(|fd| libc::pollfd {
@@ -254,9 +252,8 @@ impl Watches {
                     }
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(error) => {
-                        // A failed read costs the rules reload on edit (the loop says
-                        // so) and the quick reconnect; SIGHUP and the backoff remain.
-                        inotify_open = false;
+                        // The loop stops the daemon on it (its supervisor restarts
+                        // it): a daemon deaf to rules edits must not look healthy.
                         sent.push(Event::SourceFailed {
                             source: "rules file",
                             message: error.to_string(),
@@ -270,7 +267,8 @@ impl Watches {
                 }
             }
             for event in sent {
-                if self.events.send(event).is_err() {
+                let failed = matches!(event, Event::SourceFailed { .. });
+                if self.events.send(event).is_err() || failed {
                     return;
                 }
             }
