@@ -3,6 +3,7 @@
 use crate::daemon::control::ControlRequest;
 use crate::daemon::executor::CallFinished;
 use crate::model::{BusAddress, UsbDevice};
+use std::os::fd::RawFd;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Instant;
 
@@ -21,6 +22,29 @@ pub type EventSender = SyncSender<Event>;
 /// The loop's one channel, bounded at `EVENT_QUEUE_CAPACITY`.
 pub fn event_channel() -> (EventSender, Receiver<Event>) {
     std::sync::mpsc::sync_channel(EVENT_QUEUE_CAPACITY)
+}
+
+/// A source of events that the daemon's watch thread polls beside its own (the kernel's
+/// hotplug monitor): one thread waits on every descriptor, so a source costs no thread
+/// of its own.
+pub trait PolledSource: Send {
+    /// Its name in `Event::SourceFailed`.
+    fn name(&self) -> &'static str;
+    /// The descriptor that becomes readable when there is something to read.
+    fn descriptor(&self) -> RawFd;
+    /// Reads everything ready now (the descriptor is non-blocking) and sends its events.
+    fn read_ready(&mut self) -> SourceState;
+}
+
+/// What a `PolledSource` is after a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceState {
+    /// Poll it again.
+    Open,
+    /// The loop's receiver is gone: nobody wants events any more.
+    ReceiverGone,
+    /// Broken for good, with the one-line reason.
+    Failed(String),
 }
 
 /// What happened to a domain, as far as placement cares.

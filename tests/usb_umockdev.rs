@@ -1,6 +1,6 @@
 //! The udev layer under umockdev: `udev::enumerate` against a recorded-style device tree
-//! (tests/umockdev/usb-tree.umockdev) run by `umockdev-run`, and `udev::spawn_monitor`
-//! against uevents that libumockdev's testbed sends inside a process running under
+//! (tests/umockdev/usb-tree.umockdev) run by `umockdev-run`, and `udev::open_monitor` polled
+//! by the daemon's watch thread (as `usbpassd` runs it) against uevents that libumockdev's testbed sends inside a process running under
 //! `umockdev-wrapper`.
 //!
 //! Each outer test re-runs this test executable under the umockdev tool, asking for one
@@ -484,7 +484,12 @@ fn inner_monitor_turns_uevents_into_events() {
             .clone()
     };
     let (sender, events) = usbpass::event::event_channel();
-    let monitor = udev::spawn_monitor(sender).expect("the monitor starts under umockdev");
+    // As the daemon runs it: polled by the watch thread.
+    let mut watches = usbpass::daemon::watch::Watches::new(sender.clone()).unwrap();
+    watches.poll_source(Box::new(
+        udev::open_monitor(sender).expect("the monitor opens under umockdev"),
+    ));
+    let monitor = watches.spawn().expect("the watch thread starts");
     let xhci = "/sys/devices/pci0000:00/0000:00:14.0";
 
     testbed.uevent(&format!("{xhci}/usb1/1-2/1-2.3"), "add");
@@ -547,7 +552,7 @@ fn inner_monitor_turns_uevents_into_events() {
     assert_eq!(
         joined.recv_timeout(EVENT_DEADLINE),
         Ok(true),
-        "the monitor thread did not end after its receiver was dropped"
+        "the watch thread did not end after its receiver was dropped"
     );
     println!("inner test ran: inner_monitor_turns_uevents_into_events");
 }

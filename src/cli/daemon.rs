@@ -58,9 +58,9 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         kind
     );
     let (sender, receiver) = event_channel();
-    // Signals, the rules file, libvirt's sockets and the control socket share one
-    // thread, started before the host's devices are opened: SIGTERM must end a wait for
-    // a host that does not answer.
+    // Signals, the rules file, libvirt's sockets, the control socket and the kernel's
+    // hotplug monitor share one thread, started before a remote host's devices are
+    // opened: SIGTERM must end a wait for a host that does not answer.
     let mut watches = watch::Watches::new(sender.clone())?;
     watches.catch_signals()?;
     watches.watch_rules_file(config_path)?;
@@ -71,13 +71,13 @@ pub fn run_daemon(config_path: &Path, state_path: &Path) -> Result<ExitCode, Cli
         Ok(listener) => watches.serve_control(listener),
         Err(error) => log::warn!("{error}; usbpass switch is unavailable"),
     }
+    // The monitor listens before the first enumeration so that no plug falls between.
+    if matches!(kind, SourceKind::Udev) {
+        watches.poll_source(Box::new(usb::open_monitor(sender.clone())?));
+    }
     watches.spawn()?;
-    // The monitor starts before the first enumeration so that no plug falls between.
     let (devices, waited) = match kind {
-        SourceKind::Udev => {
-            usb::spawn_monitor(sender.clone())?;
-            (HostDevices::Udev(usb::UdevDeviceSource), false)
-        }
+        SourceKind::Udev => (HostDevices::Udev(usb::UdevDeviceSource), false),
         SourceKind::Libvirt => match open_node_devices(&config.uri, &sender, &receiver) {
             Some((source, waited)) => (HostDevices::Libvirt(Box::new(source)), waited),
             // SIGTERM while the host did not answer.

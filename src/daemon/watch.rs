@@ -1,10 +1,11 @@
-//! Event sources that are neither udev nor libvirt: signals (SIGHUP, SIGTERM, SIGINT),
-//! the rules file changing on disk, libvirt's sockets appearing, and the control
-//! socket's clients. One thread waits in poll(2) on all of them: an idle daemon is
-//! never woken, and pays for one thread's stack, not four.
+//! The daemon's one watch thread: signals (SIGHUP, SIGTERM, SIGINT), the rules file
+//! changing on disk, libvirt's sockets appearing, the control socket's clients, and the
+//! sources handed to it (`PolledSource`: the kernel's hotplug monitor). One thread
+//! waits in poll(2) on all of them: an idle daemon is never woken, and pays for one
+//! thread's stack, not five.
 
 use crate::daemon::control;
-use crate::event::{Event, EventSender};
+use crate::event::{Event, EventSender, PolledSource, SourceState};
 use inotify::{Inotify, WatchDescriptor, WatchMask};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::ffi::OsString;
@@ -67,6 +68,14 @@ pub struct Watches {
     rules: Vec<(WatchDescriptor, OsString)>,
     libvirt_sockets: Option<WatchDescriptor>,
     control: Option<UnixListener>,
+    /// Polled beside the rest; each sends its own events.
+    sources: Vec<Box<dyn PolledSource>>,
+}
+
+impl std::fmt::Debug for dyn PolledSource {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.name())
+    }
 }
 
 impl Watches {
@@ -79,6 +88,7 @@ impl Watches {
             rules: Vec::new(),
             libvirt_sockets: None,
             control: None,
+            sources: Vec::new(),
         })
     }
 
@@ -168,6 +178,13 @@ impl Watches {
         self.control = Some(listener);
     }
 
+    /// Polls `source` too (the kernel's hotplug monitor). A source that fails stops the
+    /// thread after its `Event::SourceFailed`, as the rules-file watch does: the loop
+    /// stops the daemon on it.
+    pub fn poll_source(&mut self, source: Box<dyn PolledSource>) {
+        self.sources.push(source);
+    }
+
     /// Starts the one thread that waits on everything gathered. It ends when the loop
     /// is gone.
     pub fn spawn(self) -> Result<JoinHandle<()>, WatchError> {
@@ -192,19 +209,23 @@ impl Watches {
         let mut client_ids = 1u64;
         loop {
             // A negative fd is skipped by poll(2): a source that is absent.
-            let mut fds = [
+            let own = [
                 self.signals.as_ref().map_or(-1, |s| s.hangup.as_raw_fd()),
                 self.signals
                     .as_ref()
                     .map_or(-1, |s| s.terminate.as_raw_fd()),
                 self.inotify.as_raw_fd(),
                 self.control.as_ref().map_or(-1, |l| l.as_raw_fd()),
-            ]
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            ];
+            let mut fds: Vec<libc::pollfd> = own
+                .into_iter()
+                .chain(self.sources.iter().map(|source| source.descriptor()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
             // SAFETY: `fds` is a live, writable array of `fds.len()` pollfd structs
             // for the whole call; poll only writes their `revents`.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
@@ -219,7 +240,45 @@ impl Watches {
                 });
                 return;
             }
-            let [hangup, terminate, files, clients] = fds.map(|fd| fd.revents != 0);
+            // Sources first: a `remove` already queued goes to the loop before a
+            // SIGTERM read in the same wake, as it would have from a thread of its own.
+            for (source, polled) in self.sources.iter_mut().zip(&fds[own.len()..]) {
+                if polled.revents == 0 {
+                    continue;
+                }
+                let name = source.name();
+                let broken = || {
+                    SourceState::Failed(format!(
+                        "cannot wait for {name} events: its socket reported poll events {:#x}",
+                        polled.revents
+                    ))
+                };
+                // POLLERR, POLLHUP or POLLNVAL with nothing to read, or a hang-up after
+                // the last read: it would be reported ready again at once, for ever.
+                // (A netlink overrun is POLLERR with POLLIN: the read sees ENOBUFS.)
+                let state = if polled.revents & libc::POLLIN != 0 {
+                    match source.read_ready() {
+                        SourceState::Open if polled.revents & libc::POLLHUP != 0 => broken(),
+                        state => state,
+                    }
+                } else {
+                    broken()
+                };
+                match state {
+                    SourceState::Open => {}
+                    SourceState::ReceiverGone => return,
+                    SourceState::Failed(message) => {
+                        log::error!("{message}");
+                        let _ = self.events.send(Event::SourceFailed {
+                            source: name,
+                            message,
+                        });
+                        return;
+                    }
+                }
+            }
+            let [hangup, terminate, files, clients] =
+                [0, 1, 2, 3].map(|index| fds[index].revents != 0);
             let mut sent = Vec::new();
             if let Some(signals) = &mut self.signals {
                 if hangup && drain(&mut signals.hangup) {
@@ -410,5 +469,100 @@ mod tests {
         signal_hook::low_level::raise(SIGINT).unwrap();
         assert_eq!(next(), Event::Terminate);
         assert!(receiver.recv_timeout(Duration::from_millis(300)).is_err());
+    }
+
+    /// A source over a socket pair: each byte written to the other end is one word;
+    /// `b'x'` makes the source fail.
+    struct PairSource {
+        stream: UnixStream,
+        events: EventSender,
+    }
+
+    impl PolledSource for PairSource {
+        fn name(&self) -> &'static str {
+            "pair"
+        }
+        fn descriptor(&self) -> std::os::fd::RawFd {
+            self.stream.as_raw_fd()
+        }
+        fn read_ready(&mut self) -> SourceState {
+            let mut bytes = [0u8; 16];
+            while let Ok(read) = self.stream.read(&mut bytes) {
+                if read == 0 {
+                    break;
+                }
+                for byte in &bytes[..read] {
+                    if *byte == b'x' {
+                        return SourceState::Failed("the pair broke".into());
+                    }
+                    if self.events.send(Event::ConfigChanged).is_err() {
+                        return SourceState::ReceiverGone;
+                    }
+                }
+            }
+            SourceState::Open
+        }
+    }
+
+    #[test]
+    fn a_polled_source_is_read_when_ready_and_its_failure_ends_the_thread() {
+        let (sender, receiver) = crate::event::event_channel();
+        let (stream, mut writer) = UnixStream::pair().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let mut watches = Watches::new(sender.clone()).unwrap();
+        watches.poll_source(Box::new(PairSource {
+            stream,
+            events: sender,
+        }));
+        let thread = watches.spawn().unwrap();
+        assert!(receiver.recv_timeout(Duration::from_millis(200)).is_err());
+        std::io::Write::write_all(&mut writer, b"ab").unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                receiver.recv_timeout(Duration::from_secs(10)).unwrap(),
+                Event::ConfigChanged
+            );
+        }
+        std::io::Write::write_all(&mut writer, b"x").unwrap();
+        assert_eq!(
+            receiver.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Event::SourceFailed {
+                source: "pair",
+                message: "the pair broke".into()
+            }
+        );
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_polled_source_that_hangs_up_is_a_failure_not_a_spin() {
+        let (sender, receiver) = crate::event::event_channel();
+        let (stream, writer) = UnixStream::pair().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        // Readable at end of file for ever: a source that reads nothing there must not
+        // keep the thread polling; its end is reported once.
+        struct Deaf(UnixStream);
+        impl PolledSource for Deaf {
+            fn name(&self) -> &'static str {
+                "deaf"
+            }
+            fn descriptor(&self) -> std::os::fd::RawFd {
+                self.0.as_raw_fd()
+            }
+            fn read_ready(&mut self) -> SourceState {
+                SourceState::Open
+            }
+        }
+        let mut watches = Watches::new(sender).unwrap();
+        watches.poll_source(Box::new(Deaf(stream)));
+        let _thread = watches.spawn().unwrap();
+        drop(writer);
+        match receiver.recv_timeout(Duration::from_secs(10)).unwrap() {
+            Event::SourceFailed { source, message } => {
+                assert_eq!(source, "deaf");
+                assert!(message.contains("poll events"), "{message}");
+            }
+            other => panic!("expected SourceFailed, got {other:?}"),
+        }
     }
 }

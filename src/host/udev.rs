@@ -1,13 +1,14 @@
 //! The host's USB view through udev: enumeration of present `usb_device`s, the hotplug
-//! monitor thread, and a udev device's `DeviceAttributes` for the shared conversion in
-//! `host::attributes`. The only module that imports the `udev` crate.
+//! monitor (polled by the daemon's watch thread), and a udev device's
+//! `DeviceAttributes` for the shared conversion in `host::attributes`. The only module
+//! that imports the `udev` crate.
 //!
 //! Everything is read from udev and sysfs; nothing here opens a device node. udev's
 //! `usb_id` builtin already parsed the descriptors into `ID_USB_INTERFACES`, and sysfs has
 //! every identity field the rules match on, so `rusb` would add a second view of the same
 //! facts plus the permission problems of opening `/dev/bus/usb` nodes.
 
-use crate::event::{DeviceDescription, Event, EventSender};
+use crate::event::{DeviceDescription, Event, EventSender, PolledSource, SourceState};
 use crate::host::attributes::{
     lossy_text, parse_decimal_u16, usb_device_from_attributes, usb_device_from_event,
     DeviceAttributes,
@@ -16,20 +17,19 @@ use crate::host::sysfs::{interface_classes_in, read_attribute};
 use crate::host::{DeviceSource, HostError};
 use crate::model::port::parent_hub_of;
 use crate::model::{BusAddress, InterfaceClass, UsbDevice};
+use crate::util::on_demand::{Continue, OnDemandQueue};
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::mpsc::{self, Sender};
-use std::thread::{self, JoinHandle};
 
 /// The name this source has in `Event::SourceFailed`.
 pub const SOURCE_NAME: &str = "udev";
 
 /// This many receive errors in a row, with no event between them, mean the socket is
 /// broken rather than one message being bad; without the bound a socket that stays readable
-/// but fails every read would spin the thread.
+/// but fails every read would spin its poller.
 const CONSECUTIVE_RECEIVE_ERRORS_LIMIT: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,18 +41,6 @@ pub enum UsbError {
     },
     #[error("cannot open the udev monitor for usb devices: {source}")]
     OpenMonitor {
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot start the udev monitor thread: {source}")]
-    SpawnMonitorThread {
-        #[source]
-        source: io::Error,
-    },
-    #[error("the udev monitor thread ended before it was ready")]
-    StartMonitorThread,
-    #[error("cannot wait for udev events: {source}")]
-    WaitForEvents {
         #[source]
         source: io::Error,
     },
@@ -99,16 +87,14 @@ fn is_usb_device(device: &udev::Device) -> bool {
     device.devtype() == Some(OsStr::new("usb_device"))
 }
 
-/// Starts the hotplug monitor on its own thread and returns once it listens, so that no
-/// event between this call and a following `enumerate()` is lost.
+/// Opens the kernel's hotplug monitor and returns it listening, so that no event
+/// between this call and a following `enumerate()` is lost. The daemon's watch thread
+/// polls it beside its other sources (`PolledSource`).
 ///
-/// The thread sends `Event::DeviceAdded` for `add`, `bind` and `change` of a
-/// `usb_device` and `Event::DeviceRemoved` for `remove`; `unbind` is only logged, since
-/// the device is still present (a `remove` follows when it leaves). It blocks in `poll`
-/// with no timeout, so an idle daemon is never woken by it. If the socket fails it sends
-/// `Event::SourceFailed` and ends. It also ends when the receiving side is gone, which it
-/// notices at the next event it tries to send: waking up just to look would cost the
-/// idle wake-ups this design avoids.
+/// It sends `Event::DeviceAdded` for `add`, `bind` and `change` of a `usb_device` and
+/// `Event::DeviceRemoved` for `remove`; `unbind` is only logged, since the device is
+/// still present (a `remove` follows when it leaves). Whoever polls it blocks with no
+/// timeout, so an idle daemon is never woken by it.
 ///
 /// It listens to the kernel's netlink source, not udev's, and reads each device from
 /// sysfs at once. libvirt needs only sysfs and the device node to attach a device, and
@@ -118,82 +104,113 @@ fn is_usb_device(device: &udev::Device) -> bool {
 /// `remove` names an instance the daemon no longer holds. The kernel's events also come
 /// in the order things happened, so a `remove` is never overtaken by the next `add` on
 /// the same port. What only udev knows (the hwdb names, `ID_USB_INTERFACES`) is left
-/// out of hotplugged devices (interfaces are read from sysfs instead; the names come
-/// back with the next enumeration). Where security labels matter, udevd may relabel
-/// the node after an attach; see docs/usbpass-qemu.md for the udev rules that keep
-/// QEMU's access.
-pub fn spawn_monitor(events: EventSender) -> Result<JoinHandle<()>, UsbError> {
-    // The reads that wait for a device's lock run on a thread of their own, so that the
-    // monitor forwards every uevent (a `remove` above all) the moment it comes.
-    let (describer, describe_requests) = mpsc::channel::<(String, BusAddress)>();
+/// out of hotplugged devices (interfaces are read from sysfs instead; the hwdb names
+/// come from udev's hardware database file). Where security labels matter, udevd may
+/// relabel the node after an attach; see docs/usbpass-qemu.md for the udev rules that
+/// keep QEMU's access.
+pub fn open_monitor(events: EventSender) -> Result<KernelMonitor, UsbError> {
+    let socket = open_monitor_socket().map_err(|source| UsbError::OpenMonitor { source })?;
+    // Seeded after the socket listens: a device added from here on is seen twice at
+    // worst, never missed.
+    let known = match enumerate() {
+        Ok(devices) => known_devices(&devices),
+        Err(error) => {
+            log::warn!("{error}; starting the udev monitor without a device list");
+            BTreeMap::new()
+        }
+    };
+    // The reads that wait for a device's lock run on a thread of their own, so that
+    // the monitor forwards every uevent (a `remove` above all) the moment it comes.
+    // That thread lives only while it has plugs to read: an idle daemon keeps no stack
+    // for it.
     let described_events = events.clone();
-    thread::Builder::new()
-        .name("usbpass-describe".to_string())
-        .spawn(move || {
-            for (syspath, address) in describe_requests {
-                if let Some(event) = describe(syspath, address) {
-                    if described_events.send(event).is_err() {
-                        return;
+    let describer = OnDemandQueue::new(
+        "usbpass-describe",
+        move |(syspath, address): (String, BusAddress)| {
+            let gone = describe(syspath, address)
+                .is_some_and(|event| described_events.send(event).is_err());
+            if gone {
+                Continue::Never
+            } else {
+                Continue::Yes
+            }
+        },
+    );
+    Ok(KernelMonitor {
+        socket,
+        consecutive_errors: 0,
+        state: MonitorState {
+            described: known.clone(),
+            known,
+            events,
+            describer,
+        },
+    })
+}
+
+/// The kernel's hotplug monitor, listening: its socket, and what it knows of the
+/// devices present.
+pub struct KernelMonitor {
+    socket: udev::MonitorSocket,
+    /// Receive errors since the last event read.
+    consecutive_errors: u32,
+    state: MonitorState,
+}
+
+// SAFETY: a `udev::MonitorSocket` holds raw pointers to the libudev monitor and its
+// udev context, which makes it !Send. libudev objects are not safe to use from two
+// threads at once, but nothing here shares them: the monitor and every object it
+// refers to move together, are used only through `&mut self` or `&self` of the one
+// owner, and libudev keeps no thread-local state for them.
+unsafe impl Send for KernelMonitor {}
+
+impl PolledSource for KernelMonitor {
+    fn name(&self) -> &'static str {
+        SOURCE_NAME
+    }
+
+    fn descriptor(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// The socket is non-blocking: take every queued event, then let the poller wait
+    /// again.
+    fn read_ready(&mut self) -> SourceState {
+        loop {
+            match self.socket.iter().next() {
+                Some(event) => {
+                    self.consecutive_errors = 0;
+                    if self.state.handle(&event).is_err() {
+                        log::debug!("udev monitor ends: nobody receives its events");
+                        return SourceState::ReceiverGone;
+                    }
+                }
+                None => {
+                    // libudev returns NULL with errno set: EAGAIN when drained.
+                    let error = io::Error::last_os_error();
+                    match error.raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => {
+                            return SourceState::Open
+                        }
+                        Some(libc::ENOBUFS) => {
+                            self.consecutive_errors = 0;
+                            log::warn!("usb uevents were lost (socket buffer full); rescanning usb devices");
+                            if self.state.resync().is_err() {
+                                return SourceState::ReceiverGone;
+                            }
+                        }
+                        Some(_) => {
+                            self.consecutive_errors += 1;
+                            log::debug!("skipping a udev message that cannot be read: {error}");
+                            if self.consecutive_errors >= CONSECUTIVE_RECEIVE_ERRORS_LIMIT {
+                                let error = UsbError::ReceiveEvents { source: error };
+                                log::error!("{error}");
+                                return SourceState::Failed(error.to_string());
+                            }
+                        }
                     }
                 }
             }
-        })
-        .map_err(|source| UsbError::SpawnMonitorThread { source })?;
-    // udev's handles are not Send, so the monitor is opened on the thread that uses it,
-    // and the outcome of opening it comes back over this channel.
-    let (ready_sender, ready_receiver) = mpsc::sync_channel::<Result<(), io::Error>>(1);
-    let handle = thread::Builder::new()
-        .name("usbpass-udev".to_string())
-        .spawn(move || {
-            let socket = match open_monitor() {
-                Ok(socket) => socket,
-                Err(source) => {
-                    let _ = ready_sender.send(Err(source));
-                    return;
-                }
-            };
-            // Seeded after the socket listens: a device added from here on is seen twice
-            // at worst, never missed.
-            let known = match enumerate() {
-                Ok(devices) => known_devices(&devices),
-                Err(error) => {
-                    log::warn!("{error}; starting the udev monitor without a device list");
-                    BTreeMap::new()
-                }
-            };
-            if ready_sender.send(Ok(())).is_err() {
-                return;
-            }
-            // The hardware database is a file udevd only reads, so the names it gives
-            // need no udevd: hotplugged devices get them as enumerated ones do.
-            let hwdb = udev::Hwdb::new()
-                .map_err(|error| log::debug!("no udev hardware database: {error}"))
-                .ok();
-            let mut monitor = MonitorState {
-                described: known.clone(),
-                known,
-                events,
-                hwdb,
-                describer,
-            };
-            if let Err(error) = monitor.run(&socket) {
-                log::error!("{error}");
-                let _ = monitor.events.send(Event::SourceFailed {
-                    source: SOURCE_NAME,
-                    message: error.to_string(),
-                });
-            }
-        })
-        .map_err(|source| UsbError::SpawnMonitorThread { source })?;
-    match ready_receiver.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(source)) => {
-            let _ = handle.join();
-            Err(UsbError::OpenMonitor { source })
-        }
-        Err(_) => {
-            let _ = handle.join();
-            Err(UsbError::StartMonitorThread)
         }
     }
 }
@@ -205,7 +222,7 @@ fn known_devices(devices: &[UsbDevice]) -> BTreeMap<String, BusAddress> {
         .collect()
 }
 
-fn open_monitor() -> io::Result<udev::MonitorSocket> {
+fn open_monitor_socket() -> io::Result<udev::MonitorSocket> {
     udev::MonitorBuilder::new_kernel()?
         .match_subsystem_devtype("usb", "usb_device")?
         // Only for the drivers the kernel binds to them (`keep_off_host`).
@@ -213,82 +230,21 @@ fn open_monitor() -> io::Result<udev::MonitorSocket> {
         .listen()
 }
 
-/// Why the monitor loop ended.
-enum Stop {
-    /// The receiver is gone: the daemon no longer wants events.
-    ReceiverGone,
-    Failed(UsbError),
-}
-
 /// The daemon dropped its receiver.
 struct ReceiverGone;
 
 struct MonitorState {
-    /// The devices present as far as this thread knows, by sysfs path, to tell what was
+    /// The devices present as far as the monitor knows, by sysfs path, to tell what was
     /// removed while events were lost.
     known: BTreeMap<String, BusAddress>,
     /// The plugs whose strings were read (enumerated ones included), by sysfs path.
     described: BTreeMap<String, BusAddress>,
-    /// Asks the describing thread to read a plug's strings.
-    describer: Sender<(String, BusAddress)>,
+    /// Reads a plug's strings off the monitor's thread.
+    describer: OnDemandQueue<(String, BusAddress)>,
     events: EventSender,
-    /// The hwdb names udev would add (`ID_VENDOR_FROM_DATABASE`, ...), which a
-    /// kernel event does not carry.
-    hwdb: Option<udev::Hwdb>,
 }
 
 impl MonitorState {
-    fn run(&mut self, socket: &udev::MonitorSocket) -> Result<(), UsbError> {
-        match self.receive_forever(socket) {
-            Stop::ReceiverGone => {
-                log::debug!("udev monitor ends: nobody receives its events");
-                Ok(())
-            }
-            Stop::Failed(error) => Err(error),
-        }
-    }
-
-    fn receive_forever(&mut self, socket: &udev::MonitorSocket) -> Stop {
-        let mut consecutive_errors = 0;
-        loop {
-            if let Err(source) = wait_readable(socket.as_raw_fd()) {
-                return Stop::Failed(UsbError::WaitForEvents { source });
-            }
-            // The socket is non-blocking: take every queued event, then wait again.
-            loop {
-                match socket.iter().next() {
-                    Some(event) => {
-                        consecutive_errors = 0;
-                        if self.handle(&event).is_err() {
-                            return Stop::ReceiverGone;
-                        }
-                    }
-                    None => {
-                        // libudev returns NULL with errno set: EAGAIN when drained.
-                        let error = io::Error::last_os_error();
-                        match error.raw_os_error() {
-                            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(0) | None => break,
-                            Some(libc::ENOBUFS) => {
-                                consecutive_errors = 0;
-                                log::warn!("usb uevents were lost (socket buffer full); rescanning usb devices");
-                                if self.resync().is_err() {
-                                    return Stop::ReceiverGone;
-                                }
-                            }
-                            Some(_) => {
-                                consecutive_errors += 1;
-                                log::debug!("skipping a udev message that cannot be read: {error}");
-                                if consecutive_errors >= CONSECUTIVE_RECEIVE_ERRORS_LIMIT {
-                                    return Stop::Failed(UsbError::ReceiveEvents { source: error });
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Turns one udev event into a daemon event. Errs only when the receiver is gone.
     fn handle(&mut self, event: &udev::Event) -> Result<(), ReceiverGone> {
         // Decision times count from here, the event off the socket, so that they
@@ -324,8 +280,7 @@ impl MonitorState {
                         // the daemon before the plug they belong to.
                         if self.described.get(&syspath) != Some(&address) {
                             self.described.insert(syspath.clone(), address);
-                            // A describing thread that is gone only costs the strings.
-                            let _ = self.describer.send((syspath, address));
+                            self.describer.push((syspath, address));
                         }
                         Ok(())
                     }
@@ -357,13 +312,22 @@ impl MonitorState {
     /// Fills in the vendor and model names of udev's hardware database, as udev's
     /// `hwdb` builtin would for this device: the lookup key is its modalias,
     /// `usb:vVVVVpPPPP:` and the product string.
+    ///
+    /// The database is opened for each plug and closed after it: it is a file udevd
+    /// only reads, so the names need no udevd, and opening it costs an open and an
+    /// mmap (microseconds), while keeping it open keeps the pages a lookup touched
+    /// mapped in an idle daemon (64 KB on the development host).
     fn add_database_names(&self, device: &mut UsbDevice) {
-        let Some(hwdb) = &self.hwdb else {
-            return;
-        };
         if device.vendor_from_database.is_some() || device.model_from_database.is_some() {
             return;
         }
+        let hwdb = match udev::Hwdb::new() {
+            Ok(hwdb) => hwdb,
+            Err(error) => {
+                log::debug!("no udev hardware database: {error}");
+                return;
+            }
+        };
         let modalias = format!(
             "usb:v{:04X}p{:04X}:{}",
             device.vendor_id,
@@ -414,36 +378,6 @@ impl MonitorState {
         self.described = present_now.clone();
         self.known = present_now;
         Ok(())
-    }
-}
-
-/// Blocks until the descriptor is readable, with no timeout.
-fn wait_readable(fd: std::os::fd::RawFd) -> io::Result<()> {
-    let mut poll_fd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: poll_fd is a valid, initialised pollfd that lives across the call, and
-        // the count of 1 matches it.
-        let ready = unsafe { libc::poll(&mut poll_fd, 1, -1) };
-        if ready < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if poll_fd.revents & libc::POLLIN != 0 {
-            return Ok(());
-        }
-        if poll_fd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            return Err(io::Error::other(format!(
-                "the netlink socket reported poll events {:#x}",
-                poll_fd.revents
-            )));
-        }
     }
 }
 
