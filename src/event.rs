@@ -68,6 +68,10 @@ pub struct DeviceDescription {
     pub serial: Option<String>,
     pub manufacturer: Option<String>,
     pub product: Option<String>,
+    /// udev's hardware database names, which follow in a second description (None in
+    /// the first).
+    pub vendor_from_database: Option<String>,
+    pub model_from_database: Option<String>,
 }
 
 /// Events are hints: each one only makes the loop reconcile again.

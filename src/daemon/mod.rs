@@ -306,17 +306,23 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                 received,
             } => {
                 let address = device.address();
-                // A later word about a plug whose strings are known keeps them.
+                // A later word about a plug keeps what was read of it before: its
+                // strings and its hardware database names.
                 if let Some(known) = self
                     .devices
                     .get(&device.syspath)
-                    .filter(|known| known.address() == address && !known.strings_pending)
+                    .filter(|known| known.address() == address)
                 {
-                    if device.strings_pending {
+                    if device.strings_pending && !known.strings_pending {
                         device.serial = known.serial.clone();
                         device.manufacturer = known.manufacturer.clone();
                         device.product = known.product.clone();
                         device.strings_pending = false;
+                    }
+                    if device.vendor_from_database.is_none() && device.model_from_database.is_none()
+                    {
+                        device.vendor_from_database = known.vendor_from_database.clone();
+                        device.model_from_database = known.model_from_database.clone();
                     }
                 }
                 self.host_drivers.forget(address);
@@ -340,6 +346,8 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     serial,
                     manufacturer,
                     product,
+                    vendor_from_database,
+                    model_from_database,
                 } = *description;
                 if let Some(device) = self
                     .devices
@@ -350,6 +358,10 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
                     device.manufacturer = manufacturer;
                     device.product = product;
                     device.strings_pending = false;
+                    if vendor_from_database.is_some() || model_from_database.is_some() {
+                        device.vendor_from_database = vendor_from_database;
+                        device.model_from_database = model_from_database;
+                    }
                 }
             }
             Event::InterfaceDriverBound {

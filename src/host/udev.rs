@@ -127,12 +127,10 @@ pub fn open_monitor(events: EventSender) -> Result<KernelMonitor, UsbError> {
     let describer = OnDemandQueue::new(
         "usbpass-describe",
         move |(syspath, address): (String, BusAddress)| {
-            let gone = describe(syspath, address)
-                .is_some_and(|event| described_events.send(event).is_err());
-            if gone {
-                Continue::Never
-            } else {
+            if describe(syspath, address, &described_events) {
                 Continue::Yes
+            } else {
+                Continue::Never
             }
         },
     );
@@ -267,8 +265,7 @@ impl MonitorState {
                     return Ok(());
                 }
                 match usb_device_from_kernel_event(event) {
-                    Some(mut device) => {
-                        self.add_database_names(&mut device);
+                    Some(device) => {
                         let address = device.address();
                         let syspath = device.syspath.clone();
                         self.known.insert(syspath.clone(), address);
@@ -307,43 +304,6 @@ impl MonitorState {
                 Ok(())
             }
         }
-    }
-
-    /// Fills in the vendor and model names of udev's hardware database, as udev's
-    /// `hwdb` builtin would for this device: the lookup key is its modalias,
-    /// `usb:vVVVVpPPPP:` and the product string.
-    ///
-    /// The database is opened for each plug and closed after it: it is a file udevd
-    /// only reads, so the names need no udevd, and opening it costs an open and an
-    /// mmap (microseconds), while keeping it open keeps the pages a lookup touched
-    /// mapped in an idle daemon (64 KB on the development host).
-    fn add_database_names(&self, device: &mut UsbDevice) {
-        if device.vendor_from_database.is_some() || device.model_from_database.is_some() {
-            return;
-        }
-        let hwdb = match udev::Hwdb::new() {
-            Ok(hwdb) => hwdb,
-            Err(error) => {
-                log::debug!("no udev hardware database: {error}");
-                return;
-            }
-        };
-        let modalias = format!(
-            "usb:v{:04X}p{:04X}:{}",
-            device.vendor_id,
-            device.product_id,
-            device.product.as_deref().unwrap_or("n/a")
-        );
-        if modalias.contains('\0') {
-            return;
-        }
-        let lookup = |name: &str| {
-            hwdb.query_one(modalias.as_str(), name)
-                .map(|value| value.to_string_lossy().into_owned())
-                .filter(|value| !value.is_empty())
-        };
-        device.vendor_from_database = lookup("ID_VENDOR_FROM_DATABASE");
-        device.model_from_database = lookup("ID_MODEL_FROM_DATABASE");
     }
 
     fn send(&self, event: Event) -> Result<(), ReceiverGone> {
@@ -423,28 +383,105 @@ fn usb_device_from_kernel_event(device: &udev::Device) -> Option<UsbDevice> {
     }
 }
 
-/// Reads the strings of a plug announced without them: `DeviceDescribed`, if the plug
-/// is still the one at its path before and after the reads. A read waits while the
-/// kernel holds the device (configuring it, or tearing it down after an unplug).
-fn describe(syspath: String, address: BusAddress) -> Option<Event> {
+/// Reads the strings of a plug announced without them, and sends `DeviceDescribed`
+/// if the plug is still the one at its path before and after the reads; then, when
+/// udev's hardware database has names for it, a second `DeviceDescribed` with them. A
+/// read waits while the kernel holds the device (configuring it, or tearing it down
+/// after an unplug). Whether the events could be sent (false: the receiver is gone).
+fn describe(syspath: String, address: BusAddress, events: &EventSender) -> bool {
     let still_there = || sysfs_address(&syspath) == Some(address);
     if !still_there() {
-        return None;
+        return true;
     }
     let text =
         |name: &str| read_attribute(Path::new(&syspath), name).and_then(|value| lossy_text(&value));
     let (serial, manufacturer, product) = (text("serial"), text("manufacturer"), text("product"));
     // The reads may have waited through an unplug and the next plug.
     if !still_there() {
-        return None;
+        return true;
     }
-    Some(Event::DeviceDescribed(Box::new(DeviceDescription {
+    let mut description = DeviceDescription {
         syspath,
         address,
         serial,
         manufacturer,
         product,
-    })))
+        vendor_from_database: None,
+        model_from_database: None,
+    };
+    // The strings first: a rule on the serial waits for them, not for the names.
+    if events
+        .send(Event::DeviceDescribed(Box::new(description.clone())))
+        .is_err()
+    {
+        return false;
+    }
+    let Some(vid_pid) = sysfs_ids(&description.syspath) else {
+        return true;
+    };
+    let (vendor, model) = database_names(vid_pid, description.product.as_deref());
+    if vendor.is_none() && model.is_none() {
+        return true;
+    }
+    description.vendor_from_database = vendor;
+    description.model_from_database = model;
+    events
+        .send(Event::DeviceDescribed(Box::new(description)))
+        .is_ok()
+}
+
+/// The vendor and product IDs at a sysfs path. These attributes never wait.
+fn sysfs_ids(syspath: &str) -> Option<(u16, u16)> {
+    let id = |name: &str| {
+        let value = read_attribute(Path::new(syspath), name)?;
+        u16::from_str_radix(value.to_str()?.trim(), 16).ok()
+    };
+    Some((id("idVendor")?, id("idProduct")?))
+}
+
+thread_local! {
+    /// udev's hardware database, opened by the describing thread's first lookup and
+    /// closed when that thread ends (its queue is empty): a burst of plugs maps it
+    /// once, and an idle daemon keeps none of its pages.
+    static HARDWARE_DATABASE: std::cell::OnceCell<Option<udev::Hwdb>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// The vendor and model names of udev's hardware database, as udev's `hwdb` builtin
+/// gives them for a device: the lookup key is `usb:vVVVVpPPPP:` and the product
+/// string. The file needs no udevd. A lookup walks a trie in a file mapping: off the
+/// plug's path, since in the test VM, whose /usr is a 9p share, each walk on a fresh
+/// mapping took about 40 ms.
+fn database_names(
+    (vendor_id, product_id): (u16, u16),
+    product: Option<&str>,
+) -> (Option<String>, Option<String>) {
+    let modalias = format!(
+        "usb:v{vendor_id:04X}p{product_id:04X}:{}",
+        product.unwrap_or("n/a")
+    );
+    if modalias.contains('\0') {
+        return (None, None);
+    }
+    HARDWARE_DATABASE.with(|database| {
+        let database = database.get_or_init(|| {
+            udev::Hwdb::new()
+                .map_err(|error| log::debug!("no udev hardware database: {error}"))
+                .ok()
+        });
+        let Some(hwdb) = database else {
+            return (None, None);
+        };
+        let lookup = |name: &str| {
+            hwdb.query_one(modalias.as_str(), name)
+                .map(|value| value.to_string_lossy().into_owned())
+                .filter(|value| !value.is_empty())
+        };
+        (
+            lookup("ID_VENDOR_FROM_DATABASE"),
+            lookup("ID_MODEL_FROM_DATABASE"),
+        )
+    })
 }
 
 /// The bus and device number at a sysfs path now. These attributes never wait.

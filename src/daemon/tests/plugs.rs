@@ -195,22 +195,36 @@ vm = "win11"
         serial: Some("A".into()),
         manufacturer: None,
         product: None,
+        vendor_from_database: None,
+        model_from_database: None,
     })));
     assert_eq!(
         harness.world.lock().aliases_in("win11"),
         ["ua-usbpass-1-9-0403-6001"]
     );
-    // The kernel's `bind` of the same plug, announced without strings again: the
-    // strings read before still count, so nothing moves.
+    // The hardware database's names follow in a second description.
+    harness.send_and_settle(Event::DeviceDescribed(Box::new(DeviceDescription {
+        syspath: stick.syspath.clone(),
+        address: stick.address(),
+        serial: Some("A".into()),
+        manufacturer: None,
+        product: None,
+        vendor_from_database: Some("Future Technology Devices International, Ltd".into()),
+        model_from_database: Some("FT232 Serial (UART) IC".into()),
+    })));
+    // The kernel's `bind` of the same plug, announced without strings or names again:
+    // what was read before still counts, so nothing moves.
     let calls = harness.world.lock().calls.len();
     harness.send_and_settle(Event::DeviceAdded {
         device: Box::new(stick),
         received: Instant::now(),
     });
     assert_eq!(harness.world.lock().calls.len(), calls);
+    let state = harness.state();
+    assert_eq!(state.devices[0].device.serial.as_deref(), Some("A"));
     assert_eq!(
-        harness.state().devices[0].device.serial.as_deref(),
-        Some("A")
+        state.devices[0].device.model_from_database.as_deref(),
+        Some("FT232 Serial (UART) IC")
     );
     harness.stop().unwrap();
 }
