@@ -201,8 +201,8 @@ impl PolledSource for KernelMonitor {
                             self.consecutive_errors += 1;
                             log::debug!("skipping a udev message that cannot be read: {error}");
                             if self.consecutive_errors >= CONSECUTIVE_RECEIVE_ERRORS_LIMIT {
+                                // The poller logs it and sends `SourceFailed`.
                                 let error = UsbError::ReceiveEvents { source: error };
-                                log::error!("{error}");
                                 return SourceState::Failed(error.to_string());
                             }
                         }
