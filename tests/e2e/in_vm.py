@@ -717,9 +717,11 @@ class World:
                 return ident
         return None
 
-    def wait_in_guest(self, domain, plug, since=None, timeout=ATTACH_DEADLINE, alias_prefix=USBPASS_ALIAS, fail_fast=None):
+    def wait_in_guest(self, domain, plug, since=None, timeout=None, alias_prefix=USBPASS_ALIAS, fail_fast=None):
         """Poll ground truth until `domain` holds `plug`; returns seconds since `since`."""
         since = plug.added_at if since is None else since
+        # Read at call time: the stock-host run sets its own deadlines.
+        timeout = ATTACH_DEADLINE if timeout is None else timeout
 
         def check():
             if fail_fast is not None:
@@ -729,7 +731,8 @@ class World:
         wait_until(check, timeout, f"{plug} in {domain}'s info usb and live XML")
         return time.monotonic() - since
 
-    def wait_not_in_guest(self, domain, plug, timeout=DETACH_DEADLINE):
+    def wait_not_in_guest(self, domain, plug, timeout=None):
+        timeout = DETACH_DEADLINE if timeout is None else timeout
         wait_until(lambda: self.held_by(domain, plug) is None, timeout, f"{plug} gone from {domain}")
 
     def usbpass_hostdevs(self, domain):
@@ -737,9 +740,10 @@ class World:
             return []
         return [h for h in self.lv.hostdevs(domain) if (h["alias"] or "").startswith(USBPASS_ALIAS)]
 
-    def assert_exactly(self, expected, timeout=DETACH_DEADLINE):
+    def assert_exactly(self, expected, timeout=None):
         """Live XML of each running guest holds exactly the expected usbpass hostdevs
         (by bus:device) and the guest's info usb lists no more usbpass devices than that."""
+        timeout = DETACH_DEADLINE if timeout is None else timeout
 
         def matches():
             problems = []

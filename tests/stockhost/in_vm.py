@@ -158,6 +158,13 @@ from checks import CHECKS  # noqa: E402
 with open(config_path) as file:
     CONFIG = json.load(file)
 e2e.CONFIG = CONFIG
+# Every libvirt call on this host runs virt-aa-helper and apparmor_parser on one TCG
+# vCPU: 8-12 s each in the 2 December runs, against a fraction of a second in the e2e
+# VM. Moving a device between VMs is a detach, a read of the live XML and an attach, so
+# the e2e scenarios' 30 s for a device to arrive or leave is too short here (check 7
+# missed it once by a few seconds). These are deadlines for "it happens", not timings.
+e2e.ATTACH_DEADLINE = 120
+e2e.DETACH_DEADLINE = 120
 say = e2e.say
 Fail = e2e.Fail
 
