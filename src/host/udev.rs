@@ -126,8 +126,12 @@ pub fn open_monitor(events: EventSender) -> Result<KernelMonitor, UsbError> {
     let described_events = events.clone();
     let describer = OnDemandQueue::new(
         "usbpass-describe",
-        move |(syspath, address): (String, BusAddress)| {
-            if describe(syspath, address, &described_events) {
+        move |DescribeRequest {
+                  syspath,
+                  address,
+                  ids,
+              }| {
+            if describe(syspath, address, ids, &described_events) {
                 Continue::Yes
             } else {
                 Continue::Never
@@ -238,7 +242,7 @@ struct MonitorState {
     /// The plugs whose strings were read (enumerated ones included), by sysfs path.
     described: BTreeMap<String, BusAddress>,
     /// Reads a plug's strings off the monitor's thread.
-    describer: OnDemandQueue<(String, BusAddress)>,
+    describer: OnDemandQueue<DescribeRequest>,
     events: EventSender,
 }
 
@@ -267,6 +271,7 @@ impl MonitorState {
                 match usb_device_from_kernel_event(event) {
                     Some(device) => {
                         let address = device.address();
+                        let ids = (device.vendor_id, device.product_id);
                         let syspath = device.syspath.clone();
                         self.known.insert(syspath.clone(), address);
                         self.send(Event::DeviceAdded {
@@ -277,7 +282,11 @@ impl MonitorState {
                         // the daemon before the plug they belong to.
                         if self.described.get(&syspath) != Some(&address) {
                             self.described.insert(syspath.clone(), address);
-                            self.describer.push((syspath, address));
+                            self.describer.push(DescribeRequest {
+                                syspath,
+                                address,
+                                ids,
+                            });
                         }
                         Ok(())
                     }
@@ -383,12 +392,20 @@ fn usb_device_from_kernel_event(device: &udev::Device) -> Option<UsbDevice> {
     }
 }
 
+/// A plug whose strings the describing thread is to read: the instance, and the IDs
+/// its uevent announced (the hardware database's key).
+struct DescribeRequest {
+    syspath: String,
+    address: BusAddress,
+    ids: (u16, u16),
+}
+
 /// Reads the strings of a plug announced without them, and sends `DeviceDescribed`
 /// if the plug is still the one at its path before and after the reads; then, when
 /// udev's hardware database has names for it, a second `DeviceDescribed` with them. A
 /// read waits while the kernel holds the device (configuring it, or tearing it down
 /// after an unplug). Whether the events could be sent (false: the receiver is gone).
-fn describe(syspath: String, address: BusAddress, events: &EventSender) -> bool {
+fn describe(syspath: String, address: BusAddress, ids: (u16, u16), events: &EventSender) -> bool {
     let still_there = || sysfs_address(&syspath) == Some(address);
     if !still_there() {
         return true;
@@ -416,10 +433,7 @@ fn describe(syspath: String, address: BusAddress, events: &EventSender) -> bool 
     {
         return false;
     }
-    let Some(vid_pid) = sysfs_ids(&description.syspath) else {
-        return true;
-    };
-    let (vendor, model) = database_names(vid_pid, description.product.as_deref());
+    let (vendor, model) = database_names(ids, description.product.as_deref());
     if vendor.is_none() && model.is_none() {
         return true;
     }
@@ -428,15 +442,6 @@ fn describe(syspath: String, address: BusAddress, events: &EventSender) -> bool 
     events
         .send(Event::DeviceDescribed(Box::new(description)))
         .is_ok()
-}
-
-/// The vendor and product IDs at a sysfs path. These attributes never wait.
-fn sysfs_ids(syspath: &str) -> Option<(u16, u16)> {
-    let id = |name: &str| {
-        let value = read_attribute(Path::new(syspath), name)?;
-        u16::from_str_radix(value.to_str()?.trim(), 16).ok()
-    };
-    Some((id("idVendor")?, id("idProduct")?))
 }
 
 thread_local! {
