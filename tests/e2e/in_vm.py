@@ -2851,6 +2851,80 @@ def bench_idle(world, tools, results):
             tool.stop()
 
 
+# The paired row: both daemons run at once, each with a rule for one port of its own,
+# and each round plugs the same keyboard model into both ports one after the other,
+# alternating which tool goes first. The per-tool rows above run minutes apart, and a
+# machine that slows down in between (TCG on a shared host) moves their ratio by more
+# than the difference being measured; here each usbpass plug has a peer plug next to it.
+PAIRED_ROUNDS = 10
+PAIRED_PORTS = {"usbpass": 1, "peer": 2}
+PAIRED_RULES = f"""\
+# Written by tests/e2e/in_vm.py for the paired plug row: the peer gets port
+# {PAIRED_PORTS["peer"]} (-r id={BENCH_RULE},port={PAIRED_PORTS["peer"]}), usbpass port 1-{PAIRED_PORTS["usbpass"]}.
+uri = "qemu:///system"
+
+[[rule]]
+name = "keyboard"
+id = "{BENCH_RULE}"
+port = "1-{PAIRED_PORTS["usbpass"]}"
+vm = "{GUEST1}"
+"""
+
+
+def paired_plug(world, tool, figures):
+    """One plug into the tool's port: device_add to the guest's info usb, then the
+    unplug to the guest's info usb and the live XML clean; both tools run throughout."""
+    plug = world.usb.plug("kbd", PAIRED_PORTS[tool.name])
+    seconds = world.wait_in_guest(GUEST1, plug, alias_prefix=tool.alias_prefix)
+    alias = world.held_by(GUEST1, plug, alias_prefix=tool.alias_prefix)
+    world.usb.unplug_now(plug)
+    gone = {}
+
+    def clean():
+        if "info" not in gone:
+            if alias not in [ident for _, ident in world.lv.info_usb(GUEST1)]:
+                gone["info"] = time.monotonic()
+        if "xml" not in gone:
+            hostdevs = world.lv.hostdevs(GUEST1)
+            if not any((h["bus"], h["device"]) == (plug.busnum, plug.devnum) or h["alias"] == alias for h in hostdevs):
+                gone["xml"] = time.monotonic()
+        return len(gone) == 2
+
+    wait_until(clean, DETACH_DEADLINE, f"{plug} gone from {GUEST1}'s info usb and live XML", interval=0.02)
+    wait_until(lambda: not os.path.exists(f"/sys/bus/usb/devices/{plug.port_path}"), ENUMERATE_DEADLINE, f"keyboard gone from {plug.port_path}")
+    figures["plug_s"][tool.name].append(round(seconds, 4))
+    figures["unplug_info_s"][tool.name].append(round(gone["info"] - plug.removed_at, 4))
+    figures["unplug_xml_s"][tool.name].append(round(gone["xml"] - plug.removed_at, 4))
+    say(f"paired: {tool.name}: plug {seconds:.2f} s, unplug: info usb {gone['info'] - plug.removed_at:.2f} s, live XML {gone['xml'] - plug.removed_at:.2f} s")
+
+
+def bench_paired(world, usbpass, results):
+    figures = results.data["bench"]["paired"] = {
+        key: {"usbpass": [], "peer": []} for key in ("plug_s", "unplug_info_s", "unplug_xml_s")
+    }
+    figures["rounds"] = PAIRED_ROUNDS
+    world.usb.unplug_all()
+    ensure_running(world.lv, GUEST1)
+    clear_hostdevs(world, GUEST1)
+    usbpass.write_rules(PAIRED_RULES)
+    tools = [UsbpassTool(usbpass), PeerTool(CONFIG["peer_bin"], GUEST1, f"{BENCH_RULE},port={PAIRED_PORTS['peer']}")]
+    for tool in tools:
+        tool.start()
+    try:
+        for round_number in range(PAIRED_ROUNDS):
+            for tool in tools if round_number % 2 == 0 else reversed(tools):
+                paired_plug(world, tool, figures)
+        for tool in tools:
+            tool.check_alive()
+    finally:
+        for tool in tools:
+            tool.stop()
+        world.usb.unplug_all()
+        usbpass.write_rules(BENCH_RULES)
+        figures["leftovers_after"] = clear_hostdevs(world, GUEST1)
+        results.save()
+
+
 def peer_benchmark(world, results):
     """tests/e2e/run --peer: usbpass, the peer and the udev-RUN script, one after the
     other on the same single domain, then both daemons idle side by side."""
@@ -2877,13 +2951,18 @@ def peer_benchmark(world, results):
             results.data["bench"]["tools"].setdefault(tool.name, {}).setdefault("errors", {})["tool"] = str(error)
             results.save()
     try:
+        bench_paired(world, usbpass, results)
+    except Fail as error:
+        say(f"bench: paired: {error}")
+        results.data["bench"].setdefault("paired", {})["error"] = str(error)
+    try:
         bench_idle(world, tools[:2], results)
     except Fail as error:
         say(f"bench: idle: {error}")
         results.data["bench"]["idle"]["error"] = str(error)
     results.save()
     errors = {name: t.get("errors") for name, t in results.data["bench"]["tools"].items() if t.get("errors")}
-    if errors or results.data["bench"]["idle"].get("error"):
+    if errors or results.data["bench"]["idle"].get("error") or results.data["bench"]["paired"].get("error"):
         raise Fail(f"benchmark rows failed: {json.dumps(errors)[:600]}")
 
 
