@@ -2722,37 +2722,50 @@ def bench_row(figures, name, function):
         figures.setdefault("errors", {})[name] = str(error)
 
 
+def measure_plug(world, tool, port):
+    """Plug the keyboard into `port`: QMP device_add to the device in the guest's info
+    usb under the tool's alias. Returns the plug, the seconds and that alias."""
+    plug = world.usb.plug("kbd", port)
+    seconds = world.wait_in_guest(GUEST1, plug, alias_prefix=tool.alias_prefix)
+    return plug, seconds, world.held_by(GUEST1, plug, alias_prefix=tool.alias_prefix)
+
+
+def measure_unplug(world, plug, alias):
+    """Unplug at once: QMP device_del to the alias gone from the guest's info usb and
+    to the hostdev gone from the live XML (seconds each); then waits for the port to
+    empty in the test VM."""
+    world.usb.unplug_now(plug)
+    gone = {}
+
+    def clean():
+        # Stamped when the answer is in: a monitor command waits behind a detach
+        # in progress (libvirt's domain job), so the time before the call would
+        # credit the tool with the whole wait.
+        if "info" not in gone:
+            listed = [ident for _, ident in world.lv.info_usb(GUEST1)]
+            if alias not in listed:
+                gone["info"] = time.monotonic()
+        if "xml" not in gone:
+            hostdevs = world.lv.hostdevs(GUEST1)
+            if not any((h["bus"], h["device"]) == (plug.busnum, plug.devnum) or h["alias"] == alias for h in hostdevs):
+                gone["xml"] = time.monotonic()
+        return len(gone) == 2
+
+    wait_until(clean, DETACH_DEADLINE, f"{plug} gone from {GUEST1}'s info usb and live XML", interval=0.02)
+    wait_until(lambda: not os.path.exists(f"/sys/bus/usb/devices/{plug.port_path}"), ENUMERATE_DEADLINE, f"keyboard gone from {plug.port_path}")
+    return gone["info"] - plug.removed_at, gone["xml"] - plug.removed_at
+
+
 def bench_plug_unplug(world, tool, figures):
     """Rows 1-3: plug while the VM runs to guest info usb; unplug to the device gone
     from the guest's info usb; unplug to the live XML clean. BENCH_PLUGS cycles."""
     for attempt in range(BENCH_PLUGS):
-        plug = world.usb.plug("kbd", 1)
-        seconds = world.wait_in_guest(GUEST1, plug, alias_prefix=tool.alias_prefix)
+        plug, seconds, alias = measure_plug(world, tool, 1)
         figures["plug_running_s"].append(round(seconds, 4))
-        alias = world.held_by(GUEST1, plug, alias_prefix=tool.alias_prefix)
-        world.usb.unplug_now(plug)
-        unplugged = plug.removed_at
-        gone = {}
-
-        def clean():
-            # Stamped when the answer is in: a monitor command waits behind a detach
-            # in progress (libvirt's domain job), so the time before the call would
-            # credit the tool with the whole wait.
-            if "info" not in gone:
-                listed = [ident for _, ident in world.lv.info_usb(GUEST1)]
-                if alias not in listed:
-                    gone["info"] = time.monotonic()
-            if "xml" not in gone:
-                hostdevs = world.lv.hostdevs(GUEST1)
-                if not any((h["bus"], h["device"]) == (plug.busnum, plug.devnum) or h["alias"] == alias for h in hostdevs):
-                    gone["xml"] = time.monotonic()
-            return len(gone) == 2
-
-        wait_until(clean, DETACH_DEADLINE, f"{plug} gone from {GUEST1}'s info usb and live XML", interval=0.02)
-        figures["unplug_info_s"].append(round(gone["info"] - unplugged, 4))
-        figures["unplug_xml_s"].append(round(gone["xml"] - unplugged, 4))
-        say(f"{tool.name}: plug {seconds:.2f} s, unplug: info usb {gone['info'] - unplugged:.2f} s, live XML {gone['xml'] - unplugged:.2f} s")
-        wait_until(lambda: not os.path.exists("/sys/bus/usb/devices/1-1"), ENUMERATE_DEADLINE, "keyboard gone from 1-1")
+        info, xml = measure_unplug(world, plug, alias)
+        figures["unplug_info_s"].append(round(info, 4))
+        figures["unplug_xml_s"].append(round(xml, 4))
+        say(f"{tool.name}: plug {seconds:.2f} s, unplug: info usb {info:.2f} s, live XML {xml:.2f} s")
 
 
 def bench_vm_start(world, tool, figures):
@@ -2872,30 +2885,14 @@ vm = "{GUEST1}"
 
 
 def paired_plug(world, tool, figures):
-    """One plug into the tool's port: device_add to the guest's info usb, then the
-    unplug to the guest's info usb and the live XML clean; both tools run throughout."""
-    plug = world.usb.plug("kbd", PAIRED_PORTS[tool.name])
-    seconds = world.wait_in_guest(GUEST1, plug, alias_prefix=tool.alias_prefix)
-    alias = world.held_by(GUEST1, plug, alias_prefix=tool.alias_prefix)
-    world.usb.unplug_now(plug)
-    gone = {}
-
-    def clean():
-        if "info" not in gone:
-            if alias not in [ident for _, ident in world.lv.info_usb(GUEST1)]:
-                gone["info"] = time.monotonic()
-        if "xml" not in gone:
-            hostdevs = world.lv.hostdevs(GUEST1)
-            if not any((h["bus"], h["device"]) == (plug.busnum, plug.devnum) or h["alias"] == alias for h in hostdevs):
-                gone["xml"] = time.monotonic()
-        return len(gone) == 2
-
-    wait_until(clean, DETACH_DEADLINE, f"{plug} gone from {GUEST1}'s info usb and live XML", interval=0.02)
-    wait_until(lambda: not os.path.exists(f"/sys/bus/usb/devices/{plug.port_path}"), ENUMERATE_DEADLINE, f"keyboard gone from {plug.port_path}")
+    """One plug into the tool's port and its unplug, measured as in the tool's own
+    rows; both tools run throughout."""
+    plug, seconds, alias = measure_plug(world, tool, PAIRED_PORTS[tool.name])
+    info, xml = measure_unplug(world, plug, alias)
     figures["plug_s"][tool.name].append(round(seconds, 4))
-    figures["unplug_info_s"][tool.name].append(round(gone["info"] - plug.removed_at, 4))
-    figures["unplug_xml_s"][tool.name].append(round(gone["xml"] - plug.removed_at, 4))
-    say(f"paired: {tool.name}: plug {seconds:.2f} s, unplug: info usb {gone['info'] - plug.removed_at:.2f} s, live XML {gone['xml'] - plug.removed_at:.2f} s")
+    figures["unplug_info_s"][tool.name].append(round(info, 4))
+    figures["unplug_xml_s"][tool.name].append(round(xml, 4))
+    say(f"paired: {tool.name}: plug {seconds:.2f} s, unplug: info usb {info:.2f} s, live XML {xml:.2f} s")
 
 
 def bench_paired(world, usbpass, results):
