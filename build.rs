@@ -29,7 +29,8 @@ fn main() {
     if env::var("PROFILE").as_deref() != Ok("release") {
         return;
     }
-    if let Some(reason) = why_not_ordered() {
+    let compiler = compiler_version();
+    if let Some(reason) = why_not_ordered(&compiler) {
         println!("cargo::warning=usbpassd is linked without its symbol order: {reason}");
         return;
     }
@@ -46,7 +47,6 @@ fn main() {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let compiler = compiler_version();
     if made_with.trim() != compiler.trim() {
         println!(
             "cargo::warning={ORDER_FILE} was made with {made_with:?}, this build uses {compiler:?}: \
@@ -63,7 +63,7 @@ fn main() {
 }
 
 /// Why this build cannot hand the order to the linker, if it cannot.
-fn why_not_ordered() -> Option<String> {
+fn why_not_ordered(compiler: &str) -> Option<String> {
     if env::var_os("USBPASS_NO_SYMBOL_ORDER").is_some_and(|value| value != "0") {
         return Some("USBPASS_NO_SYMBOL_ORDER is set".into());
     }
@@ -80,15 +80,14 @@ fn why_not_ordered() -> Option<String> {
     if flags.contains("linker") || flags.contains("link-self-contained") {
         return Some("RUSTFLAGS choose the linker".into());
     }
-    let version = compiler_version();
-    let minor = version
+    let minor = compiler
         .split_whitespace()
         .nth(1)
         .and_then(|number| number.split('.').nth(1))
         .and_then(|minor| minor.parse::<u32>().ok());
     match minor {
         Some(minor) if minor >= 90 => None,
-        _ => Some(format!("{} links with the system linker", version.trim())),
+        _ => Some(format!("{compiler} links with the system linker")),
     }
 }
 
