@@ -3,15 +3,16 @@
 //! device is attached copy its hostdev into the definition, and the VM then refuses to
 //! start without that device. The loop asks for this chore after it connects and after
 //! a VM is defined; it removes such hostdevs from the definition (config only, by
-//! alias, never a hostdev usbpass did not make) and logs each one. It runs on a thread
-//! of its own: it only logs, and a libvirtd that does not answer must not hold up the
-//! loop.
+//! alias, never a hostdev usbpass did not make) and logs each one. It runs on the
+//! executor's general worker, off the loop: it only logs, and a libvirtd that does not
+//! answer must not hold up the loop.
 
+use super::executor::Executor;
 use crate::hypervisor::Hypervisor;
 use std::sync::{Arc, Mutex};
 
-/// Runs the chore off the loop, one run at a time; a request while one runs makes it
-/// run once more afterwards, so a define during a run is not missed.
+/// Runs the chore off the loop, one run at a time; a request while one is queued or
+/// runs makes it run once more afterwards, so a define during a run is not missed.
 #[derive(Debug, Default)]
 pub struct DefinitionsChore {
     /// (running, asked again while running)
@@ -19,7 +20,7 @@ pub struct DefinitionsChore {
 }
 
 impl DefinitionsChore {
-    pub fn request<H: Hypervisor>(&self, hypervisor: Arc<H>) {
+    pub fn request<H: Hypervisor>(&self, hypervisor: Arc<H>, executor: &mut Executor) {
         {
             let mut state = lock(&self.state);
             if state.0 {
@@ -29,18 +30,16 @@ impl DefinitionsChore {
             state.0 = true;
         }
         let state = self.state.clone();
-        let spawned = std::thread::Builder::new()
-            .name("usbpass-definitions".into())
-            .spawn(move || loop {
-                remove_owned_hostdevs_from_definitions(&*hypervisor);
-                let mut state = lock(&state);
-                if std::mem::take(&mut state.1) {
-                    continue;
-                }
-                state.0 = false;
-                return;
-            });
-        if let Err(error) = spawned {
+        let queued = executor.queue_chore(move || loop {
+            remove_owned_hostdevs_from_definitions(&*hypervisor);
+            let mut state = lock(&state);
+            if std::mem::take(&mut state.1) {
+                continue;
+            }
+            state.0 = false;
+            return;
+        });
+        if let Err(error) = queued {
             log::warn!("cannot start the thread that checks vm definitions: {error}");
             *lock(&self.state) = (false, false);
         }

@@ -4,16 +4,19 @@
 //! state.
 //!
 //! Each VM's attaches and detaches run on that VM's worker thread, in the order they
-//! were issued; the worker is started on the VM's first call and serves its calls
-//! while the loop is busy. When the loop has nothing left to wait for, workers with no
-//! call left are retired (their stacks, deepened by libvirt's RPC code, go back to the
-//! kernel), and a VM's next call starts a new one: a thread start is microseconds
-//! against a call's hundreds of milliseconds, and a retired worker had no call left,
-//! so two workers of one VM never call at once. A VM whose QEMU does not answer holds
-//! up only its own worker. Listings and connects are rare and
-//! run on a thread of their own each, which exits when the call returns. A call cannot
-//! be cancelled; the loop gives up waiting at its deadline and books the real answer
-//! whenever it comes.
+//! were issued; the worker is started on the VM's first call, parks between calls and
+//! ends when the VM stops, so two workers of one running VM never call at once. A VM
+//! whose QEMU does not answer holds up only its own worker. Connects, listings and the
+//! definitions chore run on the general worker, which is started by the first and
+//! stays; one issued while it is busy, perhaps with a call that will never return,
+//! runs on a thread of its own, which exits when the call returns.
+//!
+//! Workers park instead of exiting because an ended thread costs an idle daemon more
+//! than a parked one: glibc keeps its stack in a cache for reuse, and the exit maps
+//! glibc's per-thread clean-up code, which nothing else runs (BENCHMARKS.md, idle
+//! memory). A parked worker gives back the deep part of its stack, which libvirt's RPC
+//! code deepens, after each job (`util::stack`). A call cannot be cancelled; the loop
+//! gives up waiting at its deadline and books the real answer whenever it comes.
 
 use crate::event::{Event, EventSender};
 use crate::hypervisor::{
@@ -100,8 +103,11 @@ impl CallCounts {
     }
 }
 
-/// One call, ready to run on whichever thread takes it.
-type Job = Box<dyn FnOnce() + Send>;
+/// One call, ready to run on whichever thread takes it: it makes the call and returns
+/// how to answer it. A worker sends the answer only after it has counted the job
+/// finished, so that the loop, which the answer wakes, finds the worker free.
+type Job = Box<dyn FnOnce() -> Answer + Send>;
+type Answer = Box<dyn FnOnce() + Send>;
 
 /// Starts calls off the loop's thread; their outcomes come back on `events`.
 pub struct Executor {
@@ -110,12 +116,51 @@ pub struct Executor {
     counts: Arc<CallCounts>,
     /// Each VM's worker, by VM name.
     workers: HashMap<String, Worker>,
+    /// Connects, listings and chores; started by the first, never ended.
+    general: Option<Worker>,
 }
 
-/// A VM's worker thread: where its calls go, and how many it has not finished.
+/// A worker thread (a VM's, or the general one): where its jobs go, and how many it
+/// has not finished.
 struct Worker {
     jobs: Sender<Job>,
     unfinished: Arc<AtomicU64>,
+}
+
+impl Worker {
+    /// A thread named `name` that runs `first`, then each job it is given, in order,
+    /// until its `Worker` is dropped; it gives the deep part of its stack back after
+    /// each job.
+    fn start(name: &str, first: Job) -> std::io::Result<Worker> {
+        let (jobs, received) = mpsc::channel::<Job>();
+        let unfinished = Arc::new(AtomicU64::new(1));
+        let finished = unfinished.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                // Parked here between jobs; ends when the executor forgets the worker.
+                for job in received {
+                    let answer = job();
+                    if let Err(error) = crate::util::stack::release_unused_stack() {
+                        log::debug!("cannot release the unused stack of a worker: {error}");
+                    }
+                    finished.fetch_sub(1, Ordering::SeqCst);
+                    answer();
+                }
+            })?;
+        jobs.send(first)
+            .expect("a worker just started holds its receiver");
+        Ok(Worker { jobs, unfinished })
+    }
+
+    /// Queues `job`, or hands it back if the thread is gone.
+    fn give(&self, job: Job) -> Result<(), Job> {
+        self.unfinished.fetch_add(1, Ordering::SeqCst);
+        self.jobs.send(job).map_err(|mpsc::SendError(job)| {
+            self.unfinished.fetch_sub(1, Ordering::SeqCst);
+            job
+        })
+    }
 }
 
 impl Executor {
@@ -125,19 +170,13 @@ impl Executor {
             next_call: 0,
             counts: Arc::default(),
             workers: HashMap::new(),
+            general: None,
         }
     }
 
     /// The VM stopped: its worker exits once its calls are done.
     pub fn forget_vm(&mut self, domain: &str) {
         self.workers.remove(domain);
-    }
-
-    /// Lets every worker that has finished all its calls exit (the loop calls this when
-    /// it is about to sleep with nothing to wait for).
-    pub fn retire_idle_workers(&mut self) {
-        self.workers
-            .retain(|_, worker| worker.unfinished.load(Ordering::SeqCst) > 0);
     }
 
     pub fn counts(&self) -> Arc<CallCounts> {
@@ -223,7 +262,8 @@ impl Executor {
         )
     }
 
-    /// Runs `call` on `worker`'s thread, or on a new one, and sends its outcome. A
+    /// Runs `call` on `worker`'s thread (the general worker's for `None`), or on a new
+    /// one, and sends its outcome. A
     /// call no thread can be started for is answered at once with `refused`'s outcome,
     /// so the loop books it like any failed call.
     fn start(
@@ -239,19 +279,18 @@ impl Executor {
         let counts = self.counts.clone();
         let job: Job = Box::new(move || {
             let outcome = call(id);
-            // The loop gone means the daemon is stopping: nobody is left to tell.
-            let _ = events.send(Event::CallFinished(Box::new(CallFinished {
-                call: id,
-                outcome,
-            })));
-            counts.answered.fetch_add(1, Ordering::SeqCst);
+            Box::new(move || {
+                // The loop gone means the daemon is stopping: nobody is left to tell.
+                let _ = events.send(Event::CallFinished(Box::new(CallFinished {
+                    call: id,
+                    outcome,
+                })));
+                counts.answered.fetch_add(1, Ordering::SeqCst);
+            })
         });
         let started = match worker {
             Some(vm) => self.hand_to_worker(vm, job),
-            None => std::thread::Builder::new()
-                .name("usbpass-call".into())
-                .spawn(job)
-                .map(drop),
+            None => self.hand_to_general_worker(job),
         };
         if let Err(error) = started {
             let outcome = refused(id, format!("cannot start a thread for the call: {error}"));
@@ -264,38 +303,59 @@ impl Executor {
         id
     }
 
-    /// Queues `job` on the VM's worker, starting one if it has none (or its last one
-    /// is gone).
+    /// Queues `job` on the VM's worker, starting one if it has none (or its thread is
+    /// gone).
     fn hand_to_worker(&mut self, vm: String, job: Job) -> std::io::Result<()> {
         let job = match self.workers.get(&vm) {
-            Some(worker) => {
-                worker.unfinished.fetch_add(1, Ordering::SeqCst);
-                match worker.jobs.send(job) {
+            Some(worker) => match worker.give(job) {
+                Ok(()) => return Ok(()),
+                Err(job) => job,
+            },
+            None => job,
+        };
+        let worker = Worker::start("usbpass-vm", job)?;
+        self.workers.insert(vm, worker);
+        Ok(())
+    }
+
+    /// Queues a connect or listing on the general worker when it has nothing to do,
+    /// starting it if there is none yet; when it is busy, the call gets a thread of
+    /// its own, so that it never waits behind a call that may not return.
+    fn hand_to_general_worker(&mut self, job: Job) -> std::io::Result<()> {
+        let job = match &self.general {
+            Some(general) if general.unfinished.load(Ordering::SeqCst) == 0 => {
+                match general.give(job) {
                     Ok(()) => return Ok(()),
-                    Err(mpsc::SendError(job)) => {
-                        worker.unfinished.fetch_sub(1, Ordering::SeqCst);
-                        job
-                    }
+                    Err(job) => job,
                 }
+            }
+            Some(_) => {
+                return std::thread::Builder::new()
+                    .name("usbpass-call".into())
+                    .spawn(move || job()())
+                    .map(drop);
             }
             None => job,
         };
-        let (jobs, received) = mpsc::channel::<Job>();
-        let unfinished = Arc::new(AtomicU64::new(1));
-        let finished = unfinished.clone();
-        std::thread::Builder::new()
-            .name("usbpass-vm".into())
-            .spawn(move || {
-                // Parked here between calls; ends when the executor retires or forgets
-                // the worker.
-                for job in received {
-                    job();
-                    finished.fetch_sub(1, Ordering::SeqCst);
-                }
-            })?;
-        jobs.send(job)
-            .expect("a worker just started holds its receiver");
-        self.workers.insert(vm, Worker { jobs, unfinished });
+        self.general = Some(Worker::start("usbpass-libvirt", job)?);
+        Ok(())
+    }
+
+    /// Queues `chore` on the general worker, behind whatever it has: a chore has no
+    /// deadline and may wait for a slow call. It is not a call: no `CallFinished`.
+    pub fn queue_chore(&mut self, chore: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let chore: Job = Box::new(move || {
+            chore();
+            Box::new(|| ())
+        });
+        let chore = match &self.general {
+            Some(general) => match general.give(chore) {
+                Ok(()) => return Ok(()),
+                Err(chore) => chore,
+            },
+            None => chore,
+        };
+        self.general = Some(Worker::start("usbpass-libvirt", chore)?);
         Ok(())
     }
 }
@@ -356,50 +416,169 @@ mod tests {
         );
     }
 
+    /// A call that records the thread it ran on.
+    fn recording_thread(
+        threads: &Arc<Mutex<Vec<std::thread::ThreadId>>>,
+    ) -> impl FnOnce(CallId) -> CallOutcome + Send + 'static {
+        let threads = threads.clone();
+        move |_| {
+            lock(&threads).push(std::thread::current().id());
+            CallOutcome::Connected
+        }
+    }
+
     #[test]
-    fn a_worker_is_retired_only_with_no_call_left_and_the_next_call_starts_another() {
+    fn a_vms_worker_serves_its_calls_in_order_until_the_vm_is_forgotten() {
         let (sender, events) = crate::event::event_channel();
         let mut executor = Executor::new(sender);
         let (open_gate, gate) = mpsc::channel::<()>();
-        let refused = |_: CallId, message: String| {
-            CallOutcome::Listing(Err(HypervisorError::ListDomains {
-                kind: FailureKind::Other,
-                message,
-            }))
-        };
+        let threads = Arc::new(Mutex::new(Vec::new()));
         let blocked = executor.start(
             Some("win11".into()),
             move |_| {
                 gate.recv().unwrap();
                 CallOutcome::Connected
             },
-            refused,
+            listing_refused,
         );
-        // Busy: retiring it would let a second worker of win11 call beside it.
-        executor.retire_idle_workers();
-        assert_eq!(executor.workers.len(), 1);
+        // Queued behind the blocked call on the same worker, never beside it.
+        let queued = executor.start(
+            Some("win11".into()),
+            recording_thread(&threads),
+            listing_refused,
+        );
+        assert!(events.recv_timeout(Duration::from_millis(50)).is_err());
         open_gate.send(()).unwrap();
-        let answered = |events: &mpsc::Receiver<Event>| match events
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap()
+        assert_eq!(next_answer(&events), blocked);
+        assert_eq!(next_answer(&events), queued);
+        // The worker counts a call finished before it answers, and stays.
+        assert_eq!(
+            executor.workers["win11"].unfinished.load(Ordering::SeqCst),
+            0
+        );
+        let later = executor.start(
+            Some("win11".into()),
+            recording_thread(&threads),
+            listing_refused,
+        );
+        assert_eq!(next_answer(&events), later);
         {
+            let threads = lock(&threads);
+            assert_eq!(
+                threads[0], threads[1],
+                "the worker was replaced between calls"
+            );
+        }
+        executor.forget_vm("win11");
+        assert!(executor.workers.is_empty());
+        let restarted = executor.start(
+            Some("win11".into()),
+            recording_thread(&threads),
+            listing_refused,
+        );
+        assert_eq!(next_answer(&events), restarted);
+        let threads = lock(&threads);
+        assert_ne!(
+            threads[1], threads[2],
+            "a forgotten vm's worker served a new call"
+        );
+    }
+
+    fn listing_refused(_: CallId, message: String) -> CallOutcome {
+        CallOutcome::Listing(Err(HypervisorError::ListDomains {
+            kind: FailureKind::Other,
+            message,
+        }))
+    }
+
+    fn next_answer(events: &mpsc::Receiver<Event>) -> CallId {
+        match events.recv_timeout(Duration::from_secs(10)).unwrap() {
             Event::CallFinished(finished) => finished.call,
             other => panic!("not a call's answer: {other:?}"),
-        };
-        assert_eq!(answered(&events), blocked);
-        // The count drops just after the answer is sent.
+        }
+    }
+
+    /// A call that records the name of the thread it ran on.
+    fn recording(
+        threads: &Arc<Mutex<Vec<String>>>,
+    ) -> impl FnOnce(CallId) -> CallOutcome + Send + 'static {
+        let threads = threads.clone();
+        move |_| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            lock(&threads).push(name);
+            CallOutcome::Connected
+        }
+    }
+
+    #[test]
+    fn calls_of_no_vm_and_chores_share_one_general_worker_that_stays() {
+        let (sender, events) = crate::event::event_channel();
+        let mut executor = Executor::new(sender);
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..3 {
+            let call = executor.start(None, recording(&threads), listing_refused);
+            // Answered only once the worker is free: the next call finds it so.
+            assert_eq!(next_answer(&events), call);
+        }
+        let (chore_done, chore_finished) = mpsc::channel();
+        let chore_threads = threads.clone();
+        executor
+            .queue_chore(move || {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                lock(&chore_threads).push(name);
+                chore_done.send(()).unwrap();
+            })
+            .unwrap();
+        chore_finished
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap();
+        // A chore sends no answer: the worker is free once its count says so.
+        let general = executor.general.as_ref().unwrap().unfinished.clone();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while executor.workers["win11"].unfinished.load(Ordering::SeqCst) > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the worker never finished its call"
-            );
+        while general.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the chore never finished");
             std::thread::sleep(Duration::from_millis(1));
         }
-        executor.retire_idle_workers();
-        assert!(executor.workers.is_empty());
-        let next = executor.start(Some("win11".into()), |_| CallOutcome::Connected, refused);
-        assert_eq!(answered(&events), next);
-        assert_eq!(executor.workers.len(), 1);
+        let call = executor.start(None, recording(&threads), listing_refused);
+        assert_eq!(next_answer(&events), call);
+        assert_eq!(*lock(&threads), vec!["usbpass-libvirt"; 5]);
+    }
+
+    #[test]
+    fn a_call_of_no_vm_never_waits_behind_one_that_has_not_returned() {
+        let (sender, events) = crate::event::event_channel();
+        let mut executor = Executor::new(sender);
+        let (open_gate, gate) = mpsc::channel::<()>();
+        let hung = executor.start(
+            None,
+            move |_| {
+                gate.recv().unwrap();
+                CallOutcome::Connected
+            },
+            listing_refused,
+        );
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let next = executor.start(None, recording(&threads), listing_refused);
+        assert_eq!(next_answer(&events), next);
+        assert_eq!(*lock(&threads), ["usbpass-call"]);
+        // A chore may wait: it runs on the general worker once the hung call is back.
+        let (chore_done, chore_finished) = mpsc::channel();
+        executor
+            .queue_chore(move || {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                chore_done.send(name).unwrap();
+            })
+            .unwrap();
+        assert!(chore_finished
+            .recv_timeout(Duration::from_millis(50))
+            .is_err());
+        open_gate.send(()).unwrap();
+        assert_eq!(next_answer(&events), hung);
+        assert_eq!(
+            chore_finished
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap(),
+            "usbpass-libvirt"
+        );
     }
 }

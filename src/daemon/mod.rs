@@ -231,10 +231,6 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         self.watchdog.start(self.clock.now());
         loop {
             let deadline = self.next_deadline();
-            if deadline.is_none() {
-                // Nothing left to wait for: idle workers give their stacks back.
-                self.executor.retire_idle_workers();
-            }
             let event = match self.clock.next_event(&self.events, deadline) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => {
@@ -514,17 +510,19 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         {
             return false;
         }
-        if std::mem::take(&mut self.definitions_unchecked) {
-            if let Some(hypervisor) = self.connection.hypervisor() {
-                self.definitions.request(hypervisor);
-            }
-        }
         if self.live.reread_at().is_some_and(|at| at <= now) {
             self.live.invalidate();
         }
         if self.live.is_stale() {
             self.start_listing();
             return false;
+        }
+        // After the listing, which the chore must not hold up: both run on the
+        // executor's general worker.
+        if std::mem::take(&mut self.definitions_unchecked) {
+            if let Some(hypervisor) = self.connection.hypervisor() {
+                self.definitions.request(hypervisor, &mut self.executor);
+            }
         }
         let mut domains = self.live.domains().to_vec();
         if self.pending_detaches.hide(&mut domains, now) {
