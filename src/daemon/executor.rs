@@ -23,7 +23,7 @@ use crate::hypervisor::{
     Connector, FailureKind, HostdevSpec, Hypervisor, HypervisorError, RunningDomains,
 };
 use crate::reconcile::Action;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -118,6 +118,12 @@ pub struct Executor {
     workers: HashMap<String, Worker>,
     /// Connects, listings and chores; started by the first, never ended.
     general: Option<Worker>,
+    /// The answers of calls no thread could be started for, for the loop to take
+    /// (`take_refused`) before it waits for its channel.
+    refused: VecDeque<CallFinished>,
+    /// Every call is refused as if no thread could be started.
+    #[cfg(test)]
+    refuse_threads: bool,
 }
 
 /// A worker thread (a VM's, or the general one): where its jobs go, and how many it
@@ -171,12 +177,20 @@ impl Executor {
             counts: Arc::default(),
             workers: HashMap::new(),
             general: None,
+            refused: VecDeque::new(),
+            #[cfg(test)]
+            refuse_threads: false,
         }
     }
 
     /// The VM stopped: its worker exits once its calls are done.
     pub fn forget_vm(&mut self, domain: &str) {
         self.workers.remove(domain);
+    }
+
+    /// The answer of a call no thread could be started for, oldest first.
+    pub fn take_refused(&mut self) -> Option<CallFinished> {
+        self.refused.pop_front()
     }
 
     pub fn counts(&self) -> Arc<CallCounts> {
@@ -263,9 +277,9 @@ impl Executor {
     }
 
     /// Runs `call` on `worker`'s thread (the general worker's for `None`), or on a new
-    /// one, and sends its outcome. A
-    /// call no thread can be started for is answered at once with `refused`'s outcome,
-    /// so the loop books it like any failed call.
+    /// one, and sends its outcome. A call no thread can be started for is answered at
+    /// once with `refused`'s outcome, kept for `take_refused`, so the loop books it like
+    /// any failed call.
     fn start(
         &mut self,
         worker: Option<String>,
@@ -289,15 +303,16 @@ impl Executor {
             })
         });
         let started = match worker {
+            #[cfg(test)]
+            _ if self.refuse_threads => Err(std::io::Error::other("refused by the test")),
             Some(vm) => self.hand_to_worker(vm, job),
             None => self.hand_to_general_worker(job),
         };
         if let Err(error) = started {
             let outcome = refused(id, format!("cannot start a thread for the call: {error}"));
-            let _ = self.events.send(Event::CallFinished(Box::new(CallFinished {
-                call: id,
-                outcome,
-            })));
+            // Kept for the loop to take, not sent: this runs on the loop's thread, and a
+            // send to its own bounded channel, full in a storm, would never return.
+            self.refused.push_back(CallFinished { call: id, outcome });
             self.counts.answered.fetch_add(1, Ordering::SeqCst);
         }
         id
@@ -456,12 +471,7 @@ mod tests {
             executor.workers["win11"].unfinished.load(Ordering::SeqCst),
             0
         );
-        let later = executor.start(
-            Some("win11".into()),
-            recording_thread(&threads),
-            listing_refused,
-        );
-        assert_eq!(next_answer(&events), later);
+        answered_call(&mut executor, &events, recording_thread(&threads));
         {
             let threads = lock(&threads);
             assert_eq!(
@@ -471,17 +481,26 @@ mod tests {
         }
         executor.forget_vm("win11");
         assert!(executor.workers.is_empty());
-        let restarted = executor.start(
-            Some("win11".into()),
-            recording_thread(&threads),
-            listing_refused,
-        );
-        assert_eq!(next_answer(&events), restarted);
+        answered_call(&mut executor, &events, recording_thread(&threads));
         let threads = lock(&threads);
         assert_ne!(
             threads[1], threads[2],
             "a forgotten vm's worker served a new call"
         );
+    }
+
+    /// Starts `call` on win11's worker and waits for its answer.
+    fn answered_call(
+        executor: &mut Executor,
+        events: &mpsc::Receiver<Event>,
+        call: impl FnOnce(CallId) -> CallOutcome + Send + 'static,
+    ) {
+        let started = executor.start(Some("win11".into()), call, listing_refused);
+        assert_eq!(next_answer(events), started);
+    }
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or("").to_string()
     }
 
     fn listing_refused(_: CallId, message: String) -> CallOutcome {
@@ -504,7 +523,7 @@ mod tests {
     ) -> impl FnOnce(CallId) -> CallOutcome + Send + 'static {
         let threads = threads.clone();
         move |_| {
-            let name = std::thread::current().name().unwrap_or("").to_string();
+            let name = thread_name();
             lock(&threads).push(name);
             CallOutcome::Connected
         }
@@ -524,7 +543,7 @@ mod tests {
         let chore_threads = threads.clone();
         executor
             .queue_chore(move || {
-                let name = std::thread::current().name().unwrap_or("").to_string();
+                let name = thread_name();
                 lock(&chore_threads).push(name);
                 chore_done.send(()).unwrap();
             })
@@ -565,7 +584,7 @@ mod tests {
         let (chore_done, chore_finished) = mpsc::channel();
         executor
             .queue_chore(move || {
-                let name = std::thread::current().name().unwrap_or("").to_string();
+                let name = thread_name();
                 chore_done.send(name).unwrap();
             })
             .unwrap();
@@ -580,5 +599,31 @@ mod tests {
                 .unwrap(),
             "usbpass-libvirt"
         );
+    }
+
+    #[test]
+    fn a_call_no_thread_can_be_started_for_is_answered_without_the_channel() {
+        // A channel with no room: a send from the loop's own thread would block.
+        let (sender, events) = mpsc::sync_channel(0);
+        let mut executor = Executor::new(sender);
+        executor.refuse_threads = true;
+        let first = executor.start(None, |_| CallOutcome::Connected, listing_refused);
+        let second = executor.start(
+            Some("win11".into()),
+            |_| CallOutcome::Connected,
+            listing_refused,
+        );
+        assert!(events.try_recv().is_err(), "a refused call was sent");
+        for expected in [first, second] {
+            let refused = executor.take_refused().unwrap();
+            assert_eq!(refused.call, expected);
+            assert!(matches!(
+                refused.outcome,
+                CallOutcome::Listing(Err(HypervisorError::ListDomains { ref message, .. }))
+                    if message.contains("cannot start a thread for the call")
+            ));
+        }
+        assert!(executor.take_refused().is_none());
+        assert_eq!(executor.counts().get(), (2, 2));
     }
 }

@@ -230,14 +230,23 @@ impl<C: Connector, S: DeviceSource, K: Clock> Daemon<C, S, K> {
         notify::ready(&self.status_line());
         self.watchdog.start(self.clock.now());
         loop {
-            let deadline = self.next_deadline();
-            let event = match self.clock.next_event(&self.events, deadline) {
-                Ok(event) => event,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.on_timeout();
-                    continue;
+            let event = match self.executor.take_refused() {
+                // A call no thread could be started for: its answer is in, and it never
+                // goes through the channel.
+                Some(refused) => Event::CallFinished(Box::new(refused)),
+                None => {
+                    let deadline = self.next_deadline();
+                    match self.clock.next_event(&self.events, deadline) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.on_timeout();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(DaemonError::EventsClosed)
+                        }
+                    }
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err(DaemonError::EventsClosed),
             };
             self.timing.woke();
             let mut stop = self.handle(event)?;
