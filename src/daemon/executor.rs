@@ -134,9 +134,26 @@ struct Worker {
 }
 
 impl Worker {
+    /// Queues `job` on `existing` if its thread is still there; otherwise starts a
+    /// worker named `name` with it and returns that worker, for the caller to keep.
+    fn give_or_start(
+        existing: Option<&Worker>,
+        name: &str,
+        job: Job,
+    ) -> std::io::Result<Option<Worker>> {
+        let job = match existing {
+            Some(worker) => match worker.give(job) {
+                Ok(()) => return Ok(None),
+                Err(job) => job,
+            },
+            None => job,
+        };
+        Worker::start(name, job).map(Some)
+    }
+
     /// A thread named `name` that runs `first`, then each job it is given, in order,
     /// until its `Worker` is dropped; it gives the deep part of its stack back after
-    /// each job.
+    /// each job, once the job is answered.
     fn start(name: &str, first: Job) -> std::io::Result<Worker> {
         let (jobs, received) = mpsc::channel::<Job>();
         let unfinished = Arc::new(AtomicU64::new(1));
@@ -147,11 +164,13 @@ impl Worker {
                 // Parked here between jobs; ends when the executor forgets the worker.
                 for job in received {
                     let answer = job();
+                    finished.fetch_sub(1, Ordering::SeqCst);
+                    answer();
+                    // After the answer, off its way to the loop; a job queued meanwhile
+                    // waits only for this.
                     if let Err(error) = crate::util::stack::release_unused_stack() {
                         log::debug!("cannot release the unused stack of a worker: {error}");
                     }
-                    finished.fetch_sub(1, Ordering::SeqCst);
-                    answer();
                 }
             })?;
         jobs.send(first)
@@ -321,15 +340,9 @@ impl Executor {
     /// Queues `job` on the VM's worker, starting one if it has none (or its thread is
     /// gone).
     fn hand_to_worker(&mut self, vm: String, job: Job) -> std::io::Result<()> {
-        let job = match self.workers.get(&vm) {
-            Some(worker) => match worker.give(job) {
-                Ok(()) => return Ok(()),
-                Err(job) => job,
-            },
-            None => job,
-        };
-        let worker = Worker::start("usbpass-vm", job)?;
-        self.workers.insert(vm, worker);
+        if let Some(started) = Worker::give_or_start(self.workers.get(&vm), "usbpass-vm", job)? {
+            self.workers.insert(vm, started);
+        }
         Ok(())
     }
 
@@ -337,22 +350,26 @@ impl Executor {
     /// starting it if there is none yet; when it is busy, the call gets a thread of
     /// its own, so that it never waits behind a call that may not return.
     fn hand_to_general_worker(&mut self, job: Job) -> std::io::Result<()> {
-        let job = match &self.general {
-            Some(general) if general.unfinished.load(Ordering::SeqCst) == 0 => {
-                match general.give(job) {
-                    Ok(()) => return Ok(()),
-                    Err(job) => job,
-                }
-            }
-            Some(_) => {
-                return std::thread::Builder::new()
-                    .name("usbpass-call".into())
-                    .spawn(move || job()())
-                    .map(drop);
-            }
-            None => job,
-        };
-        self.general = Some(Worker::start("usbpass-libvirt", job)?);
+        let busy = self
+            .general
+            .as_ref()
+            .is_some_and(|general| general.unfinished.load(Ordering::SeqCst) > 0);
+        if busy {
+            return std::thread::Builder::new()
+                .name("usbpass-call".into())
+                .spawn(move || job()())
+                .map(drop);
+        }
+        self.give_to_general_worker(job)
+    }
+
+    /// Queues `job` on the general worker, starting it if there is none (or its thread
+    /// is gone).
+    fn give_to_general_worker(&mut self, job: Job) -> std::io::Result<()> {
+        if let Some(started) = Worker::give_or_start(self.general.as_ref(), "usbpass-libvirt", job)?
+        {
+            self.general = Some(started);
+        }
         Ok(())
     }
 
@@ -363,15 +380,7 @@ impl Executor {
             chore();
             Box::new(|| ())
         });
-        let chore = match &self.general {
-            Some(general) => match general.give(chore) {
-                Ok(()) => return Ok(()),
-                Err(chore) => chore,
-            },
-            None => chore,
-        };
-        self.general = Some(Worker::start("usbpass-libvirt", chore)?);
-        Ok(())
+        self.give_to_general_worker(chore)
     }
 }
 
